@@ -1,0 +1,247 @@
+"""Tests of stages/augment.py on tiny splits made here: 40x30 JPEGs (4:3 like HAM10000) to 32x32."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages import augment
+from stages.augment import AugmentParams, Transform
+from stages.common import LABELS, ParamError, StageError, load_image, read_index, read_shards
+
+PARAMS = {
+    "seed": 7,
+    "image_size": 32,
+    "target_per_class": 5,
+    "max_copies_per_image": 3,
+    "rotation_degrees": 180,
+    "shift_fraction": 0.05,
+    "zoom_fraction": 0.1,
+    "brightness": 0.1,
+    "contrast": 0.1,
+    "shard_images": 4,
+}
+# train: nv is above the target (kept as is), mel grows to the target 5, df is capped at 3 x 1.
+SPLIT_CLASSES = {"train": {"nv": 6, "mel": 3, "df": 1}, "val": {"nv": 2, "mel": 1},
+                 "test": {"df": 1, "nv": 2}}
+
+
+def smooth_image(rng: np.random.Generator) -> Image.Image:
+    """A 40x30 picture with structure at several scales, so every transform shows."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    coarse = coarse.resize((40, 30), Image.BICUBIC)
+    fine = rng.integers(-20, 21, (30, 40, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse) + fine, 0, 255).astype(np.uint8))
+
+
+class Project:
+    """Split CSVs and images in tmp_path, in a CSV order that is neither by class nor by id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.images, self.split_dir = root, root / "images", root / "split"
+        self.images.mkdir()
+        self.split_dir.mkdir()
+        rng = np.random.default_rng(0)
+        number = 1000
+        self.tables = {}
+        for split, counts in SPLIT_CLASSES.items():
+            rows = []
+            for dx, count in counts.items():
+                for _ in range(count):
+                    number -= 1
+                    image_id = f"ISIC_{number:07d}"
+                    smooth_image(rng).save(self.images / f"{image_id}.jpg", quality=95)
+                    rows.append({"image_id": image_id, "lesion_id": f"HAM_{number}",
+                                 "lesion_group": f"HAM_{number}", "dx": dx, "label": LABELS[dx]})
+            table = pd.DataFrame(rows).sample(frac=1, random_state=1).reset_index(drop=True)
+            table.to_csv(self.split_dir / f"{split}.csv", index=False)
+            self.tables[split] = table
+
+    def run(self, out: str = "out", workers: int = 1, **params) -> Path:
+        params_path = self.root / f"params-{out}.yaml"
+        params_path.write_text(yaml.safe_dump({"augment": {**PARAMS, **params}}))
+        augment.main(self.split_dir, self.images, self.root / out, params_path, workers=workers)
+        return self.root / out
+
+    def label_of(self, image_id: str) -> int:
+        table = pd.concat(self.tables.values())
+        return int(table.set_index("image_id").loc[image_id, "label"])
+
+    def source(self, image_id: str) -> np.ndarray:
+        return load_image(self.images / f"{image_id}.jpg", PARAMS["image_size"])
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return Project(tmp_path)
+
+
+def source_id(image_id: str) -> str:
+    return image_id.split("+aug")[0]
+
+
+def test_shards_round_trip_through_read_shards(project):
+    out = project.run()
+    index = read_index(out)
+    assert index["image_size"] == 32 and index["seed"] == 7
+    assert index["splits"]["train"]["shards"] == ["train-000.npz", "train-001.npz", "train-002.npz",
+                                                  "train-003.npz"]  # 14 images, 4 a shard
+    for split in ("train", "val", "test"):
+        images, labels, ids = read_shards(out, split)
+        entry = index["splits"][split]
+        assert images.shape == (entry["images"], 32, 32, 3) and images.dtype == np.uint8
+        assert labels.dtype == np.int64 and ids.dtype.kind == "U"
+        assert len(labels) == len(ids) == entry["images"] == sum(entry["class_counts"].values())
+        for name in entry["shards"]:
+            with np.load(out / name) as shard:
+                assert len(shard["images"]) <= PARAMS["shard_images"]
+
+
+@pytest.mark.parametrize("real, target, cap, added", [
+    (6, 5, 3, 0),   # at or above the target: majority class untouched
+    (5, 5, 3, 0),
+    (3, 5, 3, 2),   # up to the target
+    (1, 5, 3, 2),   # capped at 3 x 1
+    (2, 10, 1, 0),  # max_copies_per_image 1 turns oversampling off
+    (0, 5, 3, 0),   # nothing to copy
+])
+def test_oversampling_rule(real, target, cap, added):
+    params = AugmentParams(**{**PARAMS, "target_per_class": target, "max_copies_per_image": cap})
+    assert augment.copies_to_add(real, params) == added
+
+
+def test_minority_classes_reach_the_target_within_the_copy_cap(project):
+    out = project.run()
+    train = read_index(out)["splits"]["train"]
+    none = dict.fromkeys(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0)
+    assert train["class_counts"] == {**none, "df": 3, "mel": 5, "nv": 6}
+    assert train["augmented"] == {**none, "df": 2, "mel": 2}
+    _, labels, _ = read_shards(out, "train")
+    assert np.bincount(labels, minlength=7).tolist() == list(train["class_counts"].values())
+
+
+def test_val_and_test_are_only_resized_in_csv_order(project):
+    out = project.run()
+    for split in ("val", "test"):
+        images, labels, ids = read_shards(out, split)
+        table = project.tables[split]
+        assert ids.tolist() == table["image_id"].tolist()
+        assert labels.tolist() == table["label"].tolist()
+        for image, image_id in zip(images, ids):
+            np.testing.assert_array_equal(image, project.source(image_id))
+        assert not any(read_index(out)["splits"][split]["augmented"].values())
+
+
+def test_copies_keep_the_source_label_and_differ_from_it(project):
+    images, labels, ids = read_shards(project.run(), "train")
+    copies = 0
+    for image, label, image_id in zip(images, labels, ids):
+        source = project.source(source_id(image_id))
+        assert label == project.label_of(source_id(image_id))
+        if image_id == source_id(image_id):
+            np.testing.assert_array_equal(image, source)
+        else:
+            copies += 1
+            assert np.abs(image.astype(int) - source).mean() > 5
+    assert copies == 4
+
+
+def test_sources_are_used_about_equally(project):
+    _, _, ids = read_shards(project.run(target_per_class=8, max_copies_per_image=10), "train")
+    mel = set(project.tables["train"].query("dx == 'mel'")["image_id"])
+    sources = [source_id(i) for i in ids if "+aug" in i and source_id(i) in mel]
+    uses = pd.Series(sources).value_counts()
+    assert sorted(uses) == [1, 2, 2]  # 5 copies of 3 images
+
+
+def test_train_is_shuffled_once(project):
+    _, _, ids = read_shards(project.run(), "train")
+    assert ids.tolist() != sorted(ids.tolist(), key=lambda i: ("+aug" in i, i))
+    assert ids.tolist()[:10] != project.tables["train"]["image_id"].tolist()
+
+
+def test_same_inputs_give_identical_bytes_at_any_time_with_any_worker_count(project, monkeypatch):
+    first = project.run("first", workers=1)
+    later = time.time() + 3 * 3600  # zip entries carry a date: a later run must not differ
+    monkeypatch.setattr(time, "time", lambda: later)
+    second = project.run("second", workers=2)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_another_seed_changes_the_copies_not_the_real_images(project):
+    runs = [dict(zip(ids, images)) for images, _, ids in
+            (read_shards(project.run(f"seed{seed}", seed=seed), "train") for seed in (7, 8))]
+    for image_id, image in runs[0].items():
+        if "+aug" not in image_id:
+            np.testing.assert_array_equal(image, runs[1][image_id])
+    copies = [{img.tobytes() for i, img in run.items() if "+aug" in i} for run in runs]
+    assert len(copies[0]) == 4 and not copies[0] & copies[1]
+
+
+def test_rotation_fills_the_corners_by_reflection():
+    plain = Image.new("RGB", (40, 30), (200, 120, 40))
+    t = Transform(False, False, degrees=45, shift=(0.05, -0.05), zoom=0.9, brightness=1, contrast=1)
+    assert (augment.augment(plain, t, 32) == (200, 120, 40)).all()
+
+
+def test_half_turn_equals_both_flips_and_identity_is_a_plain_resize():
+    image = smooth_image(np.random.default_rng(3))
+    identity = Transform(False, False, 0, (0, 0), 1, 1, 1)
+    half_turn = Transform(False, False, 180, (0, 0), 1, 1, 1)
+    both_flips = Transform(True, True, 0, (0, 0), 1, 1, 1)
+    np.testing.assert_array_equal(augment.augment(image, identity, 32),
+                                  np.asarray(image.resize((32, 32), Image.BILINEAR)))
+    turned = augment.augment(image, half_turn, 32).astype(int)
+    assert np.abs(turned - augment.augment(image, both_flips, 32)).max() <= 1  # resize's rounding
+
+
+@pytest.mark.parametrize("key, value", [
+    ("seed", -1), ("image_size", 16), ("image_size", 1024), ("image_size", "big"),
+    ("target_per_class", 0), ("max_copies_per_image", 0), ("rotation_degrees", 200),
+    ("shift_fraction", -0.1), ("zoom_fraction", 1.0), ("brightness", 1.5), ("contrast", -0.2),
+    ("shard_images", 0), ("colour_jitter", 0.1),
+])
+def test_bad_params_are_refused_naming_the_key(project, key, value):
+    with pytest.raises(ParamError, match=key):
+        project.run(**{key: value})
+    assert not (project.root / "out").exists()
+
+
+def test_copies_that_would_repeat_their_source_are_refused(project):
+    ranges = ["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"]
+    still = dict.fromkeys(ranges, 0)
+    with pytest.raises(ParamError, match="max_copies_per_image"):
+        project.run(**still)
+    project.run(**still, max_copies_per_image=1)  # oversampling off: fine
+
+
+def test_missing_image_is_an_error_naming_the_file(project):
+    missing = project.images / f"{project.tables['val']['image_id'][0]}.jpg"
+    missing.unlink()
+    with pytest.raises(StageError, match=missing.name):
+        project.run()
+    assert not (project.root / "out").exists()
+
+
+def test_undecodable_image_is_an_error_naming_the_file(project):
+    broken = project.images / f"{project.tables['train']['image_id'][0]}.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(StageError, match=broken.name):
+        project.run(workers=2)
+    assert not (project.root / "out").exists()
+
+
+def test_label_that_disagrees_with_dx_is_an_error(project):
+    table = project.tables["test"].copy()
+    table.loc[0, "label"] = (table.loc[0, "label"] + 1) % 7
+    table.to_csv(project.split_dir / "test.csv", index=False)
+    with pytest.raises(StageError, match="test.csv"):
+        project.run()

@@ -1,0 +1,469 @@
+"""Tests for stages/download.py: sources, HTTP failures, checksums and hostile archives.
+
+Every test runs in its own temporary working directory, talks only to 127.0.0.1, and for each
+failure checks the message and that the previous good data/raw/ is still there.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import stat
+import struct
+import warnings
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import stages.download as download
+from stages.common import ParamError, StageError
+from tests.http_fixtures import FileServer
+
+P1, P2, META = "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata.csv"
+DOI = "doi:10.7910/DVN/DBW86T"
+LISTING = "api/datasets/:persistentId/versions/:latest-published/files"
+CSV = (b"lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+       + b"".join(b"HAM_000000%d,ISIC_000000%d,nv,histo,50.0,male,back\n" % (i, i) for i in range(1, 6)))
+PARAMS = {
+    "dataverse_url": "https://dataverse.harvard.edu",
+    "dataset_doi": DOI,
+    "files": [P1, P2, META],
+    "sha256": {},
+    "local_dir": None,
+    "retries": 3,
+    "timeout_s": 5,
+    "max_entry_bytes": 50_000_000,
+    "max_total_bytes": 20_000_000_000,
+    "max_compression_ratio": 100,
+}
+RAW = Path("data/raw")
+CACHE = Path("data/downloads")
+
+
+# ---- fixtures and builders -----------------------------------------------------------------
+@lru_cache
+def jpeg(seed: int) -> bytes:
+    """A tiny real JPEG, different for each seed."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 40 % 256, 90, 160)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_zip(entries: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]],
+             compression: int = zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", compression) as zf:
+        warnings.simplefilter("ignore")  # duplicate names are made on purpose
+        for name, data in (entries.items() if isinstance(entries, dict) else entries):
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def release() -> dict[str, bytes]:
+    """A fake release: 3 + 2 images, a non-image entry, the metadata."""
+    return {
+        P1: make_zip({f"ISIC_000000{i}.jpg": jpeg(i) for i in (1, 2, 3)}),
+        P2: make_zip({"ISIC_0000004.jpg": jpeg(4), "sub/ISIC_0000005.jpg": jpeg(5), "LICENSE.txt": b"CC"}),
+        META: CSV,
+    }
+
+
+def sha256sums(files: dict[str, bytes]) -> bytes:
+    return "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in files.items()).encode()
+
+
+def mirror_files(**changes: bytes) -> dict[str, bytes]:
+    """The fake release with its SHA256SUMS, as a mirror serves it."""
+    files = release()
+    return {**files, "SHA256SUMS": sha256sums(files), **changes}
+
+
+def with_declared_size(data: bytes, size: int) -> bytes:
+    """The same one-entry zip, its headers lying about the entry's uncompressed size."""
+    buf = bytearray(data)
+    central_directory = struct.unpack("<I", buf[-6:-2])[0]  # from the end record (no comment)
+    struct.pack_into("<I", buf, central_directory + 24, size)
+    struct.pack_into("<I", buf, 22, size)  # the first local header
+    return bytes(buf)
+
+
+def write_params(**download_params: object) -> None:
+    other_section = {"split": {"seed": 1}}
+    Path("params.yaml").write_text(yaml.safe_dump({"download": {**PARAMS, **download_params}, **other_section}))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+    write_params()
+    return tmp_path
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Back-off delays asked for, instead of sleeping them."""
+    delays: list[float] = []
+    monkeypatch.setattr(download, "sleep", delays.append)
+    return delays
+
+
+@pytest.fixture
+def previous_raw(workdir: Path) -> dict[str, bytes]:
+    """A complete earlier output that a failed run must leave untouched."""
+    (RAW / "images").mkdir(parents=True)
+    files = {"images/ISIC_9999999.jpg": jpeg(9), META: CSV}
+    for name, data in files.items():
+        (RAW / name).write_bytes(data)
+    return files
+
+
+def raw_files() -> dict[str, bytes]:
+    return {p.relative_to(RAW).as_posix(): p.read_bytes() for p in RAW.rglob("*") if p.is_file()}
+
+
+def assert_unharmed(previous: dict[str, bytes]) -> None:
+    assert raw_files() == previous
+    assert not list(Path("data").glob(".raw.*")), "temporary output left behind"
+
+
+def expected_raw() -> dict[str, bytes]:
+    return {**{f"images/ISIC_000000{i}.jpg": jpeg(i) for i in range(1, 6)}, META: CSV}
+
+
+def use_mirror(monkeypatch: pytest.MonkeyPatch, server: FileServer) -> None:
+    monkeypatch.setenv(download.MIRROR_ENV, server.url)
+
+
+# ---- the mirror ----------------------------------------------------------------------------
+def test_mirror_download_extracts_images_and_caches(workdir, monkeypatch, sleeps):
+    with FileServer(mirror_files()) as server:
+        use_mirror(monkeypatch, server)
+        download.main()
+        assert raw_files() == expected_raw()
+        assert sorted(p.name for p in CACHE.iterdir()) == sorted([P1, P2, META])
+        assert all(r.user_agent == download.USER_AGENT for r in server.requests)
+
+        download.main()  # a second run uses the verified cache
+        assert [server.count(name) for name in (P1, P2, META)] == [1, 1, 1]
+    assert raw_files() == expected_raw() and sleeps == []
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["206", "range-ignored"])
+def test_dropped_connection_resumes(workdir, monkeypatch, sleeps, ranges):
+    files = mirror_files()
+    half = len(files[P1]) // 2
+    with FileServer(files, ranges=ranges) as server:
+        server.drop(P1, after_bytes=half)
+        use_mirror(monkeypatch, server)
+        download.main()
+        first, second = [r for r in server.requests if r.path == P1]
+    assert first.range is None and second.range == f"bytes={half}-"
+    assert second.status == (206 if ranges else 200)
+    assert (CACHE / P1).read_bytes() == files[P1]  # and it matched SHA256SUMS
+    assert raw_files() == expected_raw() and len(sleeps) == 1
+
+
+def test_stale_part_longer_than_file_starts_over(workdir, monkeypatch, sleeps):
+    files = mirror_files()
+    CACHE.mkdir(parents=True)
+    (CACHE / f"{P1}.part").write_bytes(files[P1] + b"junk")
+    with FileServer(files) as server:
+        use_mirror(monkeypatch, server)
+        download.main()
+        assert [r.status for r in server.requests if r.path == P1] == [416, 200]
+    assert raw_files() == expected_raw()
+
+
+def test_404_fails_at_once_naming_url_and_status(previous_raw, monkeypatch, sleeps):
+    files = mirror_files()
+    del files[P2]
+    with FileServer(files) as server:
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=f"{server.url}{P2}: HTTP 404"):
+            download.main()
+        assert server.count(P2) == 1
+    assert sleeps == [] and not (CACHE / f"{P2}.part").exists()
+    assert_unharmed(previous_raw)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_transient_status_is_retried_with_backoff(workdir, monkeypatch, sleeps, status):
+    with FileServer(mirror_files()) as server:
+        server.fail(P1, status, times=2)
+        use_mirror(monkeypatch, server)
+        download.main()
+        assert server.count(P1) == 3
+    assert sleeps == [1.0, 2.0]
+    assert raw_files() == expected_raw()
+
+
+def test_transient_status_forever_gives_up_after_retries(previous_raw, monkeypatch, sleeps):
+    with FileServer(mirror_files()) as server:
+        server.fail(P1, 500, times=None)
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=rf"{server.url}{P1}: HTTP 500 .*gave up after 3 retries"):
+            download.main()
+        assert server.count(P1) == 4
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert_unharmed(previous_raw)
+
+
+def test_refused_connection_is_retried_then_named(previous_raw, monkeypatch, sleeps):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setenv(download.MIRROR_ENV, url)
+    with pytest.raises(StageError, match=rf"{url}SHA256SUMS: cannot connect .*gave up after 3 retries"):
+        download.main()
+    assert len(sleeps) == 3
+    assert_unharmed(previous_raw)
+
+
+def test_html_page_instead_of_zip_leaves_nothing_in_cache(previous_raw, monkeypatch, sleeps):
+    with FileServer(mirror_files()) as server:
+        server.serve_html(P1)
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=f"{server.url}{P1}: server answered an HTML page"):
+            download.main()
+    assert not (CACHE / P1).exists() and not (CACHE / f"{P1}.part").exists()
+    assert_unharmed(previous_raw)
+
+
+def test_non_zip_body_where_zip_expected(previous_raw, monkeypatch, sleeps):
+    files = mirror_files()
+    files[P1] = b"<html>not found</html>"  # served as application/zip, no checksum for it
+    del files["SHA256SUMS"]
+    with FileServer(files) as server:
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=f"{server.url}{P1}: not a zip archive"):
+            download.main()
+    assert not list(CACHE.glob(f"{P1}*"))
+    assert_unharmed(previous_raw)
+
+
+@pytest.mark.parametrize("where", ["SHA256SUMS", "params pin"])
+def test_checksum_mismatch_deletes_the_file(previous_raw, monkeypatch, sleeps, where):
+    files = mirror_files()
+    wrong = "0" * 64
+    actual = hashlib.sha256(files[P1]).hexdigest()
+    if where == "SHA256SUMS":
+        files["SHA256SUMS"] = files["SHA256SUMS"].replace(actual.encode(), wrong.encode())
+    else:
+        write_params(sha256={P1: wrong})
+    with FileServer(files) as server:
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=f"sha256 mismatch: expected {wrong} .*got {actual}"):
+            download.main()
+    assert not list(CACHE.glob(f"{P1}*"))
+    assert_unharmed(previous_raw)
+
+
+def test_corrupt_cached_zip_is_removed_and_fetched_again(previous_raw, monkeypatch, sleeps):
+    files = release()  # no SHA256SUMS: the cached copy cannot be checked before extraction
+    corrupt = bytearray(files[P1])
+    corrupt[100:110] = b"X" * 10  # inside the first image: CRC error
+    CACHE.mkdir(parents=True)
+    (CACHE / P1).write_bytes(bytes(corrupt))
+    with FileServer(files) as server:
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=rf"{CACHE / P1}: .*corrupt.*removed from data/downloads"):
+            download.main()
+        assert not (CACHE / P1).exists()
+        assert_unharmed(previous_raw)
+        download.main()
+    assert raw_files() == expected_raw()
+
+
+# ---- the official source: Dataverse's native API ---------------------------------------------
+def dataverse_files(md5_of_csv: str | None = None) -> dict[str, bytes]:
+    """A fake Dataverse: the listing JSON and the access API, the CSV ingested as .tab."""
+    files = release()
+    listing = {"status": "OK", "data": [
+        {"label": P1, "dataFile": {"id": 11, "filename": P1, "checksum": {"type": "SHA-256",
+                                   "value": hashlib.sha256(files[P1]).hexdigest()}}},
+        {"label": P2, "dataFile": {"id": 12, "filename": P2, "md5": hashlib.md5(files[P2]).hexdigest()}},
+        {"label": "HAM10000_metadata.tab", "dataFile": {
+            "id": 13, "filename": "HAM10000_metadata.tab", "originalFileName": META,
+            "originalFileFormat": "text/csv",
+            "checksum": {"type": "MD5", "value": md5_of_csv or hashlib.md5(CSV).hexdigest()}}},
+        {"label": "ISIC2018_Task3_Test_Images.zip",
+         "dataFile": {"id": 14, "filename": "ISIC2018_Task3_Test_Images.zip"}},
+    ]}
+    return {
+        LISTING: json.dumps(listing).encode(),
+        "api/access/datafile/11": files[P1],
+        "api/access/datafile/12": files[P2],
+        "api/access/datafile/13": CSV.replace(b",", b"\t"),  # the ingested archival copy
+        "api/access/datafile/13?format=original": CSV,
+    }
+
+
+def test_dataverse_resolves_names_and_fetches_originals(workdir, sleeps):
+    with FileServer(dataverse_files()) as server:
+        write_params(dataverse_url=server.url)
+        download.main()
+        listing = next(r for r in server.requests if r.path == LISTING)
+        fetched = [(r.path, r.query) for r in server.requests if r.path != LISTING]
+    assert listing.query == "persistentId=doi%3A10.7910%2FDVN%2FDBW86T"
+    assert sorted(fetched) == [("api/access/datafile/11", ""), ("api/access/datafile/12", ""),
+                               ("api/access/datafile/13", "format=original")]
+    assert raw_files() == expected_raw()
+
+
+def test_dataverse_checksum_mismatch_names_expected_and_actual(previous_raw, sleeps):
+    with FileServer(dataverse_files(md5_of_csv="f" * 32)) as server:
+        write_params(dataverse_url=server.url)
+        actual = hashlib.md5(CSV).hexdigest()
+        with pytest.raises(StageError, match=f"md5 mismatch: expected {'f' * 32} .*got {actual}"):
+            download.main()
+    assert not list(CACHE.glob(f"{META}*"))
+    assert_unharmed(previous_raw)
+
+
+def test_dataverse_missing_file_lists_what_is_there(previous_raw, sleeps):
+    with FileServer(dataverse_files()) as server:
+        write_params(dataverse_url=server.url, files=[P1, "HAM10000_images_part_3.zip", META])
+        with pytest.raises(StageError, match="no file HAM10000_images_part_3.zip .*lists: .*metadata.csv"):
+            download.main()
+    assert_unharmed(previous_raw)
+
+
+# ---- local_dir -----------------------------------------------------------------------------
+def test_local_dir_with_the_release_files(workdir, sleeps):
+    local = workdir / "release"
+    local.mkdir()
+    for name, data in release().items():
+        (local / name).write_bytes(data)
+    write_params(local_dir=str(local))
+    download.main()
+    assert raw_files() == expected_raw()
+    assert not CACHE.exists()
+
+
+def test_local_dir_with_kaggle_folders(workdir, sleeps):
+    local = workdir / "kaggle"
+    for name, ids in ((P1, (1, 2, 3)), (P2, (4, 5))):
+        folder = local / name.removesuffix(".zip")
+        folder.mkdir(parents=True)
+        for i in ids:
+            (folder / f"ISIC_000000{i}.jpg").write_bytes(jpeg(i))
+    (local / META).write_bytes(CSV)
+    write_params(local_dir=str(local))
+    download.main()
+    assert raw_files() == expected_raw()
+
+
+def test_local_dir_missing_a_file_names_it(previous_raw):
+    Path("empty").mkdir()
+    write_params(local_dir="empty")
+    with pytest.raises(StageError, match=f"holds neither {P1} nor HAM10000_images_part_1/"):
+        download.main()
+    assert_unharmed(previous_raw)
+
+
+# ---- hostile archives ----------------------------------------------------------------------
+def symlink_zip() -> bytes:
+    info = zipfile.ZipInfo("ISIC_link.jpg")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return make_zip([(info, b"/etc/passwd")])
+
+
+HOSTILE = {
+    "dot-dot": (make_zip({"../evil.jpg": jpeg(1)}), {}, "'../evil.jpg' refused: '..' path component"),
+    "absolute": (make_zip({"/abs.jpg": jpeg(1)}), {}, "'/abs.jpg' refused: absolute path"),
+    "drive": (make_zip({"C:\\evil.jpg": jpeg(1)}), {}, r"refused: absolute path, drive letter or backslash"),
+    "symlink": (symlink_zip(), {}, "'ISIC_link.jpg' refused: symbolic link"),
+    "declared-size-bomb": (with_declared_size(make_zip({"ISIC_big.jpg": jpeg(1)}), 4_000_000_000), {},
+                           "'ISIC_big.jpg' refused: declares 4,000,000,000 bytes, over max_entry_bytes"),
+    "total-bomb": (make_zip({f"ISIC_{i}.jpg": jpeg(i) for i in range(5)}), {"max_total_bytes": 1000},
+                   "declares .* bytes of images in all, over max_total_bytes 1,000"),
+    "ratio-bomb": (make_zip({"ISIC_zeros.jpg": bytes(1_000_000)}, zipfile.ZIP_DEFLATED), {},
+                   "'ISIC_zeros.jpg' refused: compression ratio .* over max_compression_ratio 100"),
+    "duplicate": (make_zip([("ISIC_1.jpg", jpeg(1)), ("ISIC_1.jpg", jpeg(2))]), {},
+                  "'ISIC_1.jpg' refused: duplicate name"),
+    "lying-header": (with_declared_size(make_zip({"ISIC_lie.jpg": jpeg(1)}), 10), {},
+                     "'ISIC_lie.jpg' does not match its declared size"),
+    "same-image-in-both-parts": (make_zip({"ISIC_0000004.jpg": jpeg(4)}), {},
+                                 "ISIC_0000004.jpg would overwrite"),
+}
+
+
+@pytest.mark.parametrize("archive, params, message", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_archive_is_refused(previous_raw, archive, params, message):
+    local = Path("local")
+    local.mkdir()
+    for name, data in {**release(), P1: archive}.items():
+        (local / name).write_bytes(data)
+    write_params(local_dir=str(local), **params)
+    with pytest.raises(StageError, match=message) as refused:
+        download.main()
+    assert P1 in str(refused.value)
+    assert_unharmed(previous_raw)
+    assert (local / P1).read_bytes() == archive, "a file in local_dir is never deleted"
+    assert not [p for p in Path.cwd().parent.rglob("*") if p.name in ("evil.jpg", "abs.jpg")]
+    assert not Path("/abs.jpg").exists()
+
+
+def test_copy_entry_stops_at_the_declared_size():
+    out = io.BytesIO()
+    with pytest.raises(ValueError, match="more than its declared size of 10 bytes"):
+        download.copy_entry(io.BytesIO(b"x" * 100), out, declared=10)
+    assert out.getvalue() == b""
+
+
+# ---- interruptions -------------------------------------------------------------------------
+def test_interrupted_extraction_keeps_previous_output(previous_raw, monkeypatch, sleeps):
+    local = Path("local")
+    local.mkdir()
+    for name, data in release().items():
+        (local / name).write_bytes(data)
+    write_params(local_dir=str(local))
+    real_copy, calls = download.copy_entry, []
+
+    def copy_then_interrupt(src, dst, declared):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_copy(src, dst, declared)
+
+    monkeypatch.setattr(download, "copy_entry", copy_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        download.main()
+    assert_unharmed(previous_raw)
+
+    monkeypatch.setattr(download, "copy_entry", real_copy)
+    killed = Path("data/.raw.killed.tmp")  # what a SIGKILL mid-extraction leaves behind
+    (killed / "images").mkdir(parents=True)
+    download.main()
+    assert raw_files() == expected_raw()
+    assert not killed.exists() and not list(Path("data").glob(".raw.*"))
+
+
+# ---- params ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"mirrors": ["x"]}, "unknown key download.mirrors"),
+    ({"retries": "five"}, "download.retries must be int, got 'five'"),
+    ({"timeout_s": None}, "download.timeout_s must be float"),
+    ({"retries": -1}, "retries must be >= 0"),
+    ({"sha256": {P1: "abc"}}, f"sha256.{P1} must be 64 lowercase hex digits"),
+    ({"files": [P1, "../x.zip", META]}, "files: '../x.zip' must be a plain file name"),
+    ({"dataverse_url": "ftp://x"}, "dataverse_url must start with https://"),
+], ids=["unknown-key", "wrong-type", "null", "negative", "bad-pin", "path-in-name", "scheme"])
+def test_params_errors_name_the_key(previous_raw, change, message):
+    write_params(**change)
+    with pytest.raises(ParamError, match=message):
+        download.main()
+    assert_unharmed(previous_raw)
+
+
+def test_mirror_variable_must_be_a_url(previous_raw, monkeypatch):
+    monkeypatch.setenv(download.MIRROR_ENV, "/some/folder")
+    with pytest.raises(StageError, match=f"{download.MIRROR_ENV}='/some/folder': must be an http"):
+        download.main()
+    assert_unharmed(previous_raw)
