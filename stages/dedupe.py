@@ -1,0 +1,491 @@
+"""Stage dedupe: data/raw -> data/clean, one row per usable, unique image, each in a lesion group.
+
+Why: HAM10000 holds several images per lesion, a few byte-identical copies and some re-encoded
+ones. If copies of one image (or images of one lesion) land in train and test, test scores
+measure memory, not skill. This stage finds them and ties them into `lesion_group`s; split keeps
+each group whole. Nothing is dropped silently: every row that does not make it is listed.
+
+Rules, in the order they apply (a row is listed under the first rule that removes it):
+
+  metadata file   missing required column          -> error naming the file and the column
+                  BOM, Windows line endings        -> read fine (utf-8-sig)
+                  extra columns                    -> ignored (not written to images.csv)
+                  spaces around values             -> stripped
+  rows            empty image_id or lesion_id      -> excluded "missing id"
+                  image_id twice, rows identical   -> one kept; the others listed "duplicate row"
+                  image_id twice, rows differ      -> all excluded "conflicting rows"
+                  dx not one of common.CLASSES     -> excluded "unknown dx" (the value is listed)
+                  lesion with two diagnoses        -> all its images excluded
+                  age empty or not a number        -> kept, age NaN, counted (age_missing)
+                  sex not male/female              -> kept, counted (sex_unknown)
+  files           row without images/<id>.jpg      -> excluded "no image file"
+                  images/*.jpg without a row       -> excluded "no metadata row"
+                  file that does not decode        -> excluded "unreadable image" + why (empty,
+                  (common.open_rgb)                   truncated, not an image, decompression bomb)
+                  greyscale, CMYK, palette         -> kept (the loader converts), counted
+  duplicates      same bytes (sha256)              -> the first by image_id kept, the others
+                                                      removed and listed in duplicates.csv (exact)
+                  same bytes, different dx         -> all copies excluded "same image, different dx"
+                  near duplicate (see below)       -> both kept, listed in duplicates.csv (near);
+                                                      with different dx both are excluded
+                  copies across lesion ids         -> the lesions are merged into one lesion_group
+  outcome         nothing left, or a class empty   -> error
+
+Outputs (data/clean/): images.csv (IMAGE_COLUMNS, sorted by image_id); excluded.csv with one line
+per removed row or orphan file, the reason being "rule: detail" (a "duplicate row" line's image
+is kept, from its other row); duplicates.csv (image_id, duplicate_of, kind, evidence); report.json.
+
+Near duplicates need proof, because perceptual hashes of different dermoscopic images collide
+often (they share their low-frequency structure). A pair is a *candidate* when the DCT pHash of
+one image is within `phash_max_distance` bits of the pHash of the other or of any of its 7
+flips/rotations (those hashes come exactly from the same DCT coefficients, so they cost little).
+It is a near duplicate only when the mean absolute difference of the two 64x64 greyscale
+thumbnails (the second flipped/rotated as its hash matched) is at most `max_mean_abs_difference`
+(0-255 scale). Measured on the HAM10000 mirror (8,584 images, 5,606 candidate pairs at distance
+<= 6): byte-identical pairs differ by 0; its images re-encoded at JPEG quality 90 / 50 / 30 by at
+most 0.4 / 1.9 / 2.4; pairs of different lesions by at least 3.5 (1st percentile 6.8, median 21.7;
+ISIC_0032228 vs ISIC_0033598, pHash distance 2, by 51.5). The default, 2.0, lies between.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages.common import (CLASSES, LABELS, PARAMS_FILE, ImageError, StageError, atomic_dir,
+                           atomic_write_json, load_params, open_rgb, run_stage, write_table)
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "HAM10000_metadata.csv"
+METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+IMAGE_COLUMNS = ("image_id", "lesion_id", "lesion_group", "dx", "label", "dx_type", "age", "sex",
+                 "localization")
+EXCLUDED_COLUMNS = ("image_id", "lesion_id", "reason")
+DUPLICATE_COLUMNS = ("image_id", "duplicate_of", "kind", "evidence")
+THUMB_SIZE = 64      # side of the greyscale thumbnail used for the pixel proof
+HASH_SIZE = 32       # pHash: DCT of a 32x32 greyscale image ...
+HASH_FREQUENCIES = 8  # ... keeping its 8x8 lowest frequencies = 64 bits
+EXAMPLES = 10        # ids listed per exclusion rule in report.json
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupeParams:
+    near_duplicates: bool
+    phash_max_distance: int
+    max_mean_abs_difference: float
+    max_image_pixels: int
+
+
+# --------------------------------------------------------------------------------------------
+# Exclusions: every removed row is kept as (image_id, lesion_id, rule, detail), so that the
+# report can count by rule while excluded.csv shows the detail.
+# --------------------------------------------------------------------------------------------
+def exclusions(rows: pd.DataFrame, rule: str, detail: str | pd.Series = "") -> pd.DataFrame:
+    """Rows removed by one rule, in the shape all exclusions share."""
+    return pd.DataFrame({"image_id": rows["image_id"].to_numpy(),
+                         "lesion_id": rows["lesion_id"].to_numpy(),
+                         "rule": rule,
+                         "detail": detail.to_numpy() if isinstance(detail, pd.Series) else detail})
+
+
+def no_exclusions() -> pd.DataFrame:
+    return pd.DataFrame(columns=["image_id", "lesion_id", "rule", "detail"], dtype=str)
+
+
+def excluded_table(excluded: pd.DataFrame) -> pd.DataFrame:
+    """excluded.csv: the reason is the rule, followed by its detail where there is one."""
+    reason = excluded["rule"].where(excluded["detail"] == "", excluded["rule"] + ": " + excluded["detail"])
+    table = excluded.assign(reason=reason).sort_values(["image_id", "reason"], kind="stable")
+    return table.loc[:, list(EXCLUDED_COLUMNS)].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata and files.
+# --------------------------------------------------------------------------------------------
+def read_metadata(path: Path) -> pd.DataFrame:
+    """The metadata as stripped strings; a missing file or column is an error naming it."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run: dvc repro download)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: not a readable CSV ({err})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in METADATA_COLUMNS if c not in table.columns]
+    if missing:
+        raise StageError(f"{path}: missing column '{missing[0]}' (required: {', '.join(METADATA_COLUMNS)})")
+    return table.loc[:, list(METADATA_COLUMNS)].apply(lambda column: column.str.strip())
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """image_id -> file, for every `*.jpg` in the images folder."""
+    if not folder.is_dir():
+        raise StageError(f"{folder}: not found (run: dvc repro download)")
+    return {path.stem: path for path in sorted(folder.glob("*.jpg"))}
+
+
+def check_rows(meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Apply the row rules of the module docstring; returns (usable rows, exclusions)."""
+    removed = []
+    missing_id = (meta["image_id"] == "") | (meta["lesion_id"] == "")
+    removed.append(exclusions(meta[missing_id], "missing id"))
+    rows = meta[~missing_id]
+
+    copy = rows.duplicated(keep="first")
+    removed.append(exclusions(rows[copy], "duplicate row", "identical to another row, which is kept"))
+    rows = rows[~copy]
+
+    conflicting = rows["image_id"].duplicated(keep=False)
+    differ = rows[conflicting]["image_id"].map(differing_columns(rows[conflicting]))
+    removed.append(exclusions(rows[conflicting], "conflicting rows", "rows differ in " + differ))
+    rows = rows[~conflicting]
+
+    unknown = ~rows["dx"].isin(CLASSES)
+    removed.append(exclusions(rows[unknown], "unknown dx", "'" + rows.loc[unknown, "dx"] + "'"))
+    rows = rows[~unknown]
+
+    two = rows.groupby("lesion_id")["dx"].transform("nunique") > 1
+    diagnoses = rows[two].groupby("lesion_id")["dx"].agg(lambda dx: ", ".join(sorted(set(dx))))
+    detail = rows.loc[two, "lesion_id"].map(diagnoses)
+    removed.append(exclusions(rows[two], "lesion with two diagnoses", detail))
+    rows = rows[~two]
+    return rows.reset_index(drop=True), pd.concat(removed, ignore_index=True)
+
+
+def differing_columns(rows: pd.DataFrame) -> dict[str, str]:
+    """image_id -> the columns in which its rows disagree, e.g. "dx, age"."""
+    return {image_id: ", ".join(c for c in METADATA_COLUMNS if group[c].nunique() > 1)
+            for image_id, group in rows.groupby("image_id")}
+
+
+def match_files(meta: pd.DataFrame, rows: pd.DataFrame,
+                files: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows need a file and files need a row (any row of `meta`, even one excluded by a rule)."""
+    has_file = rows["image_id"].isin(list(files))
+    orphans = sorted(set(files) - set(meta["image_id"]))
+    orphan_rows = pd.DataFrame({"image_id": orphans, "lesion_id": ""})
+    removed = pd.concat([exclusions(rows[~has_file], "no image file"),
+                         exclusions(orphan_rows, "no metadata row")], ignore_index=True)
+    return rows[has_file].reset_index(drop=True), removed
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images: the only slow part, so it runs in worker processes.
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ImageScan:
+    sha256: str
+    converted: bool     # not RGB in the file (greyscale, CMYK, ...): converted by the loader
+    thumb: np.ndarray   # THUMB_SIZE x THUMB_SIZE greyscale uint8: pHash and pixel proof
+
+
+def scan_image(path: Path, max_pixels: int) -> ImageScan | str:
+    """Decode one image with the pipeline's own loader; a problem comes back as its message."""
+    try:
+        img = open_rgb(path, max_pixels)
+    except ImageError as err:
+        return str(err).removeprefix(f"{path}: ")  # no machine-specific paths in outputs
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as original:
+        converted = original.mode != "RGB"
+    thumb = img.convert("L").resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+    return ImageScan(hashlib.sha256(data).hexdigest(), converted, np.asarray(thumb, dtype=np.uint8))
+
+
+def scan_images(paths: list[Path], max_pixels: int, workers: int) -> list[ImageScan | str]:
+    """scan_image for every path, in `workers` processes (decoding is CPU-bound)."""
+    jobs = [(path, max_pixels) for path in paths]
+    if workers <= 1:
+        return [scan_image(*job) for job in jobs]
+    with multiprocessing.Pool(workers) as pool:
+        return pool.starmap(scan_image, jobs, chunksize=64)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# Perceptual hash and its 8 flips/rotations.
+# --------------------------------------------------------------------------------------------
+def dct_matrix(n: int) -> np.ndarray:
+    """Unnormalised DCT-II basis: row k is frequency k (scale does not matter for a median hash)."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+
+
+# Averaging the thumbnail 2x2 down to HASH_SIZE and taking the low DCT frequencies, in one matrix.
+HASH_DCT = np.repeat(dct_matrix(HASH_SIZE)[:HASH_FREQUENCIES], THUMB_SIZE // HASH_SIZE, axis=1) / 2
+ODD = (-1.0) ** np.arange(HASH_FREQUENCIES)  # mirroring an axis flips the sign of its odd frequencies
+
+# The dihedral group as (transpose, flip rows, flip columns), applied in that order; index 0 is "as is".
+SYMMETRIES: tuple[tuple[bool, bool, bool], ...] = tuple(
+    (t, r, c) for t in (False, True) for r in (False, True) for c in (False, True))
+SYMMETRY_NAMES = ("", "flipping left-right", "flipping top-bottom", "rotating 180", "transposing",
+                  "rotating 90 clockwise", "rotating 90 anticlockwise", "anti-transposing")
+
+
+def transform_pixels(images: np.ndarray, symmetry: int) -> np.ndarray:
+    """Flip/rotate a stack of square images (n, h, w) by one of SYMMETRIES."""
+    transpose, flip_rows, flip_columns = SYMMETRIES[symmetry]
+    if transpose:
+        images = np.swapaxes(images, 1, 2)
+    if flip_rows:
+        images = images[:, ::-1, :]
+    if flip_columns:
+        images = images[:, :, ::-1]
+    return images
+
+
+def transform_dct(coefficients: np.ndarray, symmetry: int) -> np.ndarray:
+    """The same flip/rotation as transform_pixels, done exactly on DCT coefficients (n, k, k)."""
+    transpose, flip_rows, flip_columns = SYMMETRIES[symmetry]
+    if transpose:
+        coefficients = np.swapaxes(coefficients, 1, 2)
+    if flip_rows:
+        coefficients = coefficients * ODD[:, None]
+    if flip_columns:
+        coefficients = coefficients * ODD[None, :]
+    return coefficients
+
+
+def phashes(thumbs: np.ndarray) -> np.ndarray:
+    """DCT pHash (64 bits: low frequencies above their median) of each thumbnail and of its
+    flips/rotations, as uint64 of shape (len(SYMMETRIES), n)."""
+    low = HASH_DCT @ thumbs.astype(np.float64) @ HASH_DCT.T
+    hashes = []
+    for symmetry in range(len(SYMMETRIES)):
+        coefficients = transform_dct(low, symmetry).reshape(len(thumbs), -1)
+        bits = coefficients > np.median(coefficients, axis=1, keepdims=True)
+        hashes.append(np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64))
+    return np.stack(hashes)
+
+
+def candidate_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> pd.DataFrame:
+    """Pairs i < j whose hashes are within `max_distance` bits (i as is, j under some symmetry),
+    one row per matching symmetry. All pairs are compared, a chunk of rows at a time."""
+    n = hashes.shape[1]
+    first, second = [], []
+    for start in range(0, n, chunk):
+        rows = hashes[0, start:start + chunk, None]
+        nearest = np.minimum.reduce([np.bitwise_count(rows ^ hashes[symmetry, None, start:])
+                                     for symmetry in range(len(hashes))])
+        i, j = np.nonzero(nearest <= max_distance)
+        first.append(i[j > i] + start)
+        second.append(j[j > i] + start)
+    i, j = np.concatenate(first), np.concatenate(second)
+    distance = np.bitwise_count(hashes[0, i] ^ hashes[:, j])  # (symmetries, pairs)
+    symmetry, pair = np.nonzero(distance <= max_distance)
+    return pd.DataFrame({"i": i[pair], "j": j[pair], "symmetry": symmetry,
+                         "distance": distance[symmetry, pair]})
+
+
+def mean_abs_differences(thumbs: np.ndarray, pairs: pd.DataFrame, chunk: int = 4096) -> np.ndarray:
+    """Mean |thumb i - transformed thumb j| per candidate pair: the proof that pHash cannot give."""
+    i, j, symmetries = (pairs[column].to_numpy() for column in ("i", "j", "symmetry"))
+    result = np.empty(len(pairs))
+    for symmetry in np.unique(symmetries):
+        where = np.flatnonzero(symmetries == symmetry)
+        for part in np.split(where, range(chunk, len(where), chunk)):
+            a = thumbs[i[part]].astype(np.int16)
+            b = transform_pixels(thumbs[j[part]], symmetry).astype(np.int16)
+            result[part] = np.abs(a - b).mean(axis=(1, 2))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates and lesion groups.
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Duplicates:
+    found: int                           # copies (exact) or proven pairs (near), conflicts included
+    duplicates: pd.DataFrame             # duplicates.csv rows
+    excluded: pd.DataFrame               # copies with different dx
+    removed: set[str]                    # exact copies dropped (their original is kept)
+    links: list[tuple[str, str]]         # lesion ids shown to hold the same image
+
+
+def exact_duplicates(images: pd.DataFrame) -> Duplicates:
+    """Group images by sha256: keep the first by image_id, drop the others; different dx: drop all."""
+    rows, conflicts, links, removed = [], [no_exclusions()], [], set()
+    copies = images[images["sha256"].duplicated(keep=False)].sort_values("image_id")
+    for sha256, group in copies.groupby("sha256", sort=True):
+        first = group.iloc[0]
+        if group["dx"].nunique() > 1:
+            listing = ", ".join(f"{i} ({dx})" for i, dx in zip(group["image_id"], group["dx"]))
+            conflicts.append(exclusions(group, "same image, different dx", f"identical bytes: {listing}"))
+            continue
+        for copy in group.iloc[1:].itertuples():
+            rows.append((copy.image_id, first["image_id"], "exact", f"sha256 {sha256}"))
+            links.append((first["lesion_id"], copy.lesion_id))
+            removed.add(copy.image_id)
+    found = len(copies) - copies["sha256"].nunique()
+    return Duplicates(found, pd.DataFrame(rows, columns=list(DUPLICATE_COLUMNS)),
+                      pd.concat(conflicts, ignore_index=True), removed, links)
+
+
+def near_duplicates(images: pd.DataFrame, thumbs: np.ndarray, params: DedupeParams) -> Duplicates:
+    """Pairs that pHash proposes and the pixels prove; both images stay (different dx: both go)."""
+    pairs = candidate_pairs(phashes(thumbs), params.phash_max_distance)
+    pairs["difference"] = mean_abs_differences(thumbs, pairs)
+    pairs = pairs.sort_values(["difference", "distance", "symmetry"]).drop_duplicates(["i", "j"])
+    proven = pairs[pairs["difference"] <= params.max_mean_abs_difference].sort_values(["i", "j"])
+    log.info("near duplicates: %d candidate pairs (pHash), %d proven (pixels)", len(pairs), len(proven))
+    rows, conflicts, links = [], [no_exclusions()], []
+    for pair in proven.itertuples():
+        first, second = images.iloc[pair.i], images.iloc[pair.j]
+        how = f", after {SYMMETRY_NAMES[pair.symmetry]}" if pair.symmetry else ""
+        evidence = f"phash distance {pair.distance}, mean abs diff {pair.difference:.2f}{how}"
+        if first["dx"] != second["dx"]:
+            listing = f"{first['image_id']} ({first['dx']}), {second['image_id']} ({second['dx']})"
+            conflicts.append(exclusions(images.iloc[[pair.i, pair.j]], "same image, different dx",
+                                        f"near duplicates ({evidence}): {listing}"))
+            continue
+        rows.append((second["image_id"], first["image_id"], "near", evidence))
+        links.append((first["lesion_id"], second["lesion_id"]))
+    excluded = pd.concat(conflicts, ignore_index=True).drop_duplicates("image_id")
+    duplicates = pd.DataFrame(rows, columns=list(DUPLICATE_COLUMNS))
+    return Duplicates(len(proven), duplicates, excluded, set(), links)
+
+
+def lesion_groups(lesions: Iterable[str], links: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Union-find over lesion ids: lesion -> its group, named by its lesions joined with '+'."""
+    parent = {lesion: lesion for lesion in lesions}
+
+    def root(lesion: str) -> str:
+        while parent.setdefault(lesion, lesion) != lesion:
+            parent[lesion] = parent[parent[lesion]]
+            lesion = parent[lesion]
+        return lesion
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    members = defaultdict(list)
+    for lesion in list(parent):
+        members[root(lesion)].append(lesion)
+    return {lesion: "+".join(sorted(group)) for group in members.values() for lesion in group}
+
+
+# --------------------------------------------------------------------------------------------
+# The whole stage, without I/O.
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Cleaned:
+    images: pd.DataFrame       # images.csv
+    excluded: pd.DataFrame     # with rule and detail, see exclusions()
+    duplicates: pd.DataFrame   # duplicates.csv
+    report: dict
+
+
+def usable_rows(meta: pd.DataFrame, files: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows that pass the metadata rules and have a file: the only images worth decoding."""
+    rows, excluded = check_rows(meta)
+    rows, missing = match_files(meta, rows, files)
+    return rows, pd.concat([excluded, missing], ignore_index=True)
+
+
+def clean(rows: pd.DataFrame, excluded: pd.DataFrame, scans: dict[str, ImageScan | str],
+          params: DedupeParams) -> Cleaned:
+    """Usable rows (see usable_rows) + the scan of each one's file -> kept images in lesion
+    groups, all exclusions, duplicates and the report."""
+    outcome = rows["image_id"].map(scans)
+    unreadable = outcome.map(lambda scan: isinstance(scan, str)).astype(bool)
+    excluded = [excluded, exclusions(rows[unreadable], "unreadable image", outcome[unreadable])]
+    images = rows[~unreadable].sort_values("image_id").reset_index(drop=True)
+    images["sha256"] = images["image_id"].map(lambda image_id: scans[image_id].sha256)
+
+    exact = exact_duplicates(images)
+    images = images[~images["image_id"].isin(exact.removed | set(exact.excluded["image_id"]))]
+    images = images.reset_index(drop=True)
+    near = Duplicates(0, pd.DataFrame(columns=list(DUPLICATE_COLUMNS)), no_exclusions(), set(), [])
+    if params.near_duplicates and len(images) > 1:
+        thumbs = np.stack([scans[image_id].thumb for image_id in images["image_id"]])
+        near = near_duplicates(images, thumbs, params)
+        images = images[~images["image_id"].isin(near.excluded["image_id"])].reset_index(drop=True)
+    excluded = pd.concat([*excluded, exact.excluded, near.excluded], ignore_index=True)
+    check_outcome(images, excluded)
+
+    groups = lesion_groups(images["lesion_id"], exact.links + near.links)
+    images["lesion_group"] = images["lesion_id"].map(groups)
+    images["label"] = images["dx"].map(LABELS)
+    images["age"] = pd.to_numeric(images["age"], errors="coerce")
+    converted = int(images["image_id"].map(lambda image_id: scans[image_id].converted).sum())
+    duplicates = pd.concat([exact.duplicates, near.duplicates], ignore_index=True)
+    duplicates = duplicates.sort_values(["image_id", "kind"]).reset_index(drop=True)
+    report = make_report(images, excluded, exact, near, converted)
+    return Cleaned(images.loc[:, list(IMAGE_COLUMNS)], excluded, duplicates, report)
+
+
+def check_outcome(images: pd.DataFrame, excluded: pd.DataFrame) -> None:
+    """Training on nothing, or on fewer classes than the model has, is an error, not a warning."""
+    counts = excluded["rule"].value_counts().to_dict()
+    if images.empty:
+        raise StageError(f"no image left: every row was excluded (rows by rule: {counts})")
+    empty = [dx for dx in CLASSES if not (images["dx"] == dx).any()]
+    if empty:
+        raise StageError(f"class {empty[0]} has no image left (excluded rows by rule: {counts})")
+
+
+def make_report(images: pd.DataFrame, excluded: pd.DataFrame, exact: Duplicates, near: Duplicates,
+                converted: int) -> dict:
+    """report.json: what is kept, what was merged, what was excluded and why."""
+    per_class = images.groupby("dx")
+    merged = images["lesion_group"] != images["lesion_id"]
+    return {
+        "images": len(images),
+        "lesions": images["lesion_id"].nunique(),
+        "lesion_groups": images["lesion_group"].nunique(),
+        "images_per_class": {dx: int(per_class.size().get(dx, 0)) for dx in CLASSES},
+        "lesions_per_class": {dx: int(per_class["lesion_id"].nunique().get(dx, 0)) for dx in CLASSES},
+        "exact_duplicates": {"found": exact.found, "removed": len(exact.removed),
+                             "across_lesions": sum(a != b for a, b in exact.links)},
+        "near_duplicates": {"found": near.found, "across_lesions": sum(a != b for a, b in near.links)},
+        "merged_lesion_groups": images.loc[merged, "lesion_group"].nunique(),
+        "excluded": {rule: {"rows": len(group), "image_ids": sorted(group["image_id"])[:EXAMPLES]}
+                     for rule, group in excluded.groupby("rule", sort=True)},
+        "age_missing": int(images["age"].isna().sum()),
+        "sex_unknown": int((~images["sex"].isin(["male", "female"])).sum()),
+        "converted_to_rgb": converted,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# I/O.
+# --------------------------------------------------------------------------------------------
+def main(raw: Path = Path("data/raw"), out: Path = Path("data/clean"), params_file: Path = PARAMS_FILE,
+         workers: int | None = None) -> None:
+    params = load_params("dedupe", DedupeParams, params_file)
+    started = time.perf_counter()
+    meta = read_metadata(Path(raw) / METADATA_FILE)
+    files = list_images(Path(raw) / "images")
+    rows, excluded = usable_rows(meta, files)
+    scans = scan_images([files[image_id] for image_id in rows["image_id"]], params.max_image_pixels,
+                        workers or available_cores())
+    log.info("decoded %d images in %.1f s", len(rows), time.perf_counter() - started)
+    result = clean(rows, excluded, dict(zip(rows["image_id"], scans)), params)
+    with atomic_dir(Path(out)) as tmp:
+        write_table(tmp / "images.csv", result.images)
+        write_table(tmp / "excluded.csv", excluded_table(result.excluded))
+        write_table(tmp / "duplicates.csv", result.duplicates)
+        atomic_write_json(tmp / "report.json", result.report)
+    report = result.report
+    log.info("kept %d images of %d lesions in %d lesion groups; %d exact and %d near duplicates; "
+             "%d rows excluded; %.1f s in all", report["images"], report["lesions"], report["lesion_groups"],
+             report["exact_duplicates"]["found"], report["near_duplicates"]["found"], len(result.excluded),
+             time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    run_stage(main)

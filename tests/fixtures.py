@@ -1,0 +1,112 @@
+"""Tiny synthetic HAM10000-like data for tests: metadata, JPEGs, the release zips, params.yaml.
+
+Everything is seeded, so a test sees the same bytes on every run. Images are small smooth random
+patterns (8x6 random colours blended over the image): different per image, and like photos in
+that re-encoding them changes pixels only a little.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from stages.common import CLASSES
+
+METADATA_FILE = "HAM10000_metadata.csv"
+METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+RELEASE_ZIPS = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+FIRST_IMAGE = 24306   # ISIC_0024306 is the first image id of HAM10000
+DX_TYPES = ("histo", "follow_up", "consensus", "confocal")
+LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "scalp")
+
+
+def make_metadata(lesions_per_class: int | Mapping[str, int] = 2,
+                  images_per_lesion: int | tuple[int, int] = 2, seed: int = 0) -> pd.DataFrame:
+    """Metadata in the official column layout. `images_per_lesion` may be a (low, high) range
+    drawn per lesion; `lesions_per_class` may differ per dx code."""
+    rng = np.random.default_rng(seed)
+    counts = (lesions_per_class if isinstance(lesions_per_class, Mapping)
+              else dict.fromkeys(CLASSES, lesions_per_class))
+    low, high = images_per_lesion if isinstance(images_per_lesion, tuple) else (images_per_lesion,) * 2
+    rows, lesions = [], 0
+    for dx in CLASSES:
+        for _ in range(counts.get(dx, 0)):
+            lesion, lesions = f"HAM_{lesions:07d}", lesions + 1
+            age, sex = float(rng.integers(1, 18) * 5), str(rng.choice(["male", "female"]))
+            site, dx_type = str(rng.choice(LOCALIZATIONS)), str(rng.choice(DX_TYPES))
+            for _ in range(int(rng.integers(low, high + 1))):
+                rows.append((lesion, f"ISIC_{FIRST_IMAGE + len(rows):07d}", dx, dx_type, age, sex, site))
+    return pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+
+
+def image_pixels(image_id: str, size: tuple[int, int] = (24, 18), seed: int = 0) -> Image.Image:
+    """A smooth random RGB pattern, the same for the same (image_id, size, seed)."""
+    rng = np.random.default_rng([seed, zlib.crc32(image_id.encode())])
+    colours = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)  # 8x6 random colours
+    return Image.fromarray(colours).resize(size, Image.Resampling.BICUBIC)
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, image_ids, size: tuple[int, int] = (24, 18), seed: int = 0) -> list[Path]:
+    """One JPEG `<image_id>.jpg` per id in `folder`; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image_id in image_ids:
+        path = folder / f"{image_id}.jpg"
+        path.write_bytes(jpeg_bytes(image_pixels(image_id, size, seed)))
+        paths.append(path)
+    return paths
+
+
+def write_metadata(path: Path, table: pd.DataFrame) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return path
+
+
+def write_raw(folder: Path, table: pd.DataFrame, size: tuple[int, int] = (24, 18), seed: int = 0) -> Path:
+    """The layout the download stage produces: `images/*.jpg` + the metadata CSV."""
+    folder = Path(folder)
+    write_images(folder / "images", table["image_id"], size, seed)
+    write_metadata(folder / METADATA_FILE, table)
+    return folder
+
+
+def write_release(folder: Path, table: pd.DataFrame, size: tuple[int, int] = (24, 18), seed: int = 0) -> Path:
+    """The official release: two flat zips of JPEGs (stored, first half / second half of the
+    image ids) and the metadata CSV, as in the Dataverse dataset."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_ids = sorted(table["image_id"])
+    half = (len(image_ids) + 1) // 2
+    for name, part in zip(RELEASE_ZIPS, (image_ids[:half], image_ids[half:])):
+        with zipfile.ZipFile(folder / name, "w", compression=zipfile.ZIP_STORED) as archive:
+            for image_id in part:
+                archive.writestr(f"{image_id}.jpg", jpeg_bytes(image_pixels(image_id, size, seed)))
+    write_metadata(folder / METADATA_FILE, table)
+    return folder
+
+
+def write_params(path: Path, **sections: Mapping) -> Path:
+    """params.yaml as in the repo, with the given keys of each section replaced."""
+    params = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        params[section] = {**params[section], **values}
+    path = Path(path)
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,274 @@
+"""Stage dedupe: every rule of the module docstring, on tiny synthetic releases."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages import dedupe
+from stages.common import CLASSES, StageError
+from tests.fixtures import METADATA_FILE, image_pixels, jpeg_bytes, make_metadata, write_params, write_raw
+
+
+@pytest.fixture
+def table() -> pd.DataFrame:
+    """7 classes x 2 lesions x 2 images = 28 rows; ISIC_0024306.. in class order."""
+    return make_metadata(lesions_per_class=2, images_per_lesion=2)
+
+
+def run(tmp_path: Path, table: pd.DataFrame, edit=None, workers: int = 1, size: tuple[int, int] = (24, 18),
+        **params) -> SimpleNamespace:
+    """Write a raw folder for `table`, let `edit(raw)` damage it, run the stage, read its outputs."""
+    raw = write_raw(tmp_path / "raw", table, size)
+    if edit:
+        edit(raw)
+    out = tmp_path / "clean"
+    dedupe.main(raw, out, write_params(tmp_path / "params.yaml", dedupe=params), workers=workers)
+    read = lambda name: pd.read_csv(out / name, dtype=str, keep_default_na=False)
+    return SimpleNamespace(images=read("images.csv"), excluded=read("excluded.csv"),
+                           duplicates=read("duplicates.csv"),
+                           report=json.loads((out / "report.json").read_text(encoding="utf-8")))
+
+
+def image_path(raw: Path, image_id: str) -> Path:
+    return raw / "images" / f"{image_id}.jpg"
+
+
+def copy_image(raw: Path, source: str, target: str, transform=None, quality: int | None = None) -> None:
+    """Make `target` a copy of `source`: the same bytes, or re-encoded (and flipped)."""
+    if quality is None:
+        image_path(raw, target).write_bytes(image_path(raw, source).read_bytes())
+        return
+    img = Image.open(image_path(raw, source))
+    img = img.transpose(transform) if transform is not None else img
+    image_path(raw, target).write_bytes(jpeg_bytes(img, quality))
+
+
+def reasons(out: SimpleNamespace) -> dict[str, str]:
+    return dict(zip(out.excluded["image_id"], out.excluded["reason"]))
+
+
+# --------------------------------------------------------------------------------------------
+# A clean release.
+# --------------------------------------------------------------------------------------------
+def test_clean_release_keeps_every_image(tmp_path, table):
+    out = run(tmp_path, table, workers=2)
+    assert list(out.images.columns) == list(dedupe.IMAGE_COLUMNS)
+    assert sorted(out.images["image_id"]) == sorted(table["image_id"])
+    assert (out.images["lesion_group"] == out.images["lesion_id"]).all()
+    assert out.images["label"].astype(int).tolist() == [CLASSES.index(dx) for dx in out.images["dx"]]
+    assert out.excluded.empty and out.duplicates.empty
+    report = out.report
+    assert (report["images"], report["lesions"], report["lesion_groups"]) == (28, 14, 14)
+    assert list(report["images_per_class"]) == list(CLASSES)
+    assert set(report["images_per_class"].values()) == {4}
+    assert set(report["lesions_per_class"].values()) == {2}
+    assert report["exact_duplicates"] == {"found": 0, "removed": 0, "across_lesions": 0}
+    assert report["near_duplicates"] == {"found": 0, "across_lesions": 0}
+    assert report["excluded"] == {}
+    assert (report["age_missing"], report["sex_unknown"], report["converted_to_rgb"]) == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact duplicates.
+# --------------------------------------------------------------------------------------------
+def test_exact_copy_within_a_lesion_keeps_the_first(tmp_path, table):
+    out = run(tmp_path, table, edit=lambda raw: copy_image(raw, "ISIC_0024306", "ISIC_0024307"))
+    assert "ISIC_0024307" not in set(out.images["image_id"]) and len(out.images) == 27
+    duplicate = out.duplicates[out.duplicates["kind"] == "exact"].iloc[0]
+    assert (duplicate["image_id"], duplicate["duplicate_of"]) == ("ISIC_0024307", "ISIC_0024306")
+    assert duplicate["evidence"].startswith("sha256 ")
+    assert out.report["exact_duplicates"] == {"found": 1, "removed": 1, "across_lesions": 0}
+    assert out.report["lesion_groups"] == 14
+
+
+def test_exact_copy_across_lesions_merges_them(tmp_path, table):
+    # ISIC_0024308 belongs to HAM_0000001, the other akiec lesion.
+    out = run(tmp_path, table, edit=lambda raw: copy_image(raw, "ISIC_0024306", "ISIC_0024308"))
+    groups = out.images.set_index("image_id")["lesion_group"]
+    assert groups["ISIC_0024306"] == groups["ISIC_0024309"] == "HAM_0000000+HAM_0000001"
+    assert out.report["exact_duplicates"]["across_lesions"] == 1
+    assert (out.report["lesion_groups"], out.report["merged_lesion_groups"]) == (13, 1)
+
+
+def test_exact_copy_with_another_dx_excludes_every_copy(tmp_path, table):
+    # ISIC_0024310 is a bcc image; make it the same file as an akiec one.
+    out = run(tmp_path, table, edit=lambda raw: copy_image(raw, "ISIC_0024306", "ISIC_0024310"))
+    why = reasons(out)
+    assert {"ISIC_0024306", "ISIC_0024310"} <= set(why) and "same image, different dx" in why["ISIC_0024310"]
+    assert "ISIC_0024306 (akiec)" in why["ISIC_0024310"] and "ISIC_0024310 (bcc)" in why["ISIC_0024310"]
+    assert len(out.images) == 26
+    assert out.report["excluded"]["same image, different dx"]["rows"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Near duplicates: pHash proposes, pixels prove. Copies are re-encoded at JPEG quality 75 (the
+# originals: 90), on images big enough (64x48) for that to change them as little as a photo.
+# --------------------------------------------------------------------------------------------
+NEAR = {"size": (64, 48)}
+
+
+def reencode(source: str, target: str, transform=None):
+    return lambda raw: copy_image(raw, source, target, transform, quality=75)
+
+
+def test_reencoded_copy_is_a_near_duplicate_and_merges_lesions(tmp_path, table):
+    out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024308"), **NEAR)
+    near = out.duplicates[out.duplicates["kind"] == "near"]
+    assert near[["image_id", "duplicate_of"]].values.tolist() == [["ISIC_0024308", "ISIC_0024306"]]
+    assert re.fullmatch(r"phash distance \d+, mean abs diff \d\.\d\d", near["evidence"].iloc[0])
+    assert len(out.images) == 28  # a near duplicate never deletes an image
+    groups = out.images.set_index("image_id")["lesion_group"]
+    assert groups["ISIC_0024306"] == groups["ISIC_0024308"] == "HAM_0000000+HAM_0000001"
+    assert out.report["near_duplicates"] == {"found": 1, "across_lesions": 1}
+
+
+def test_flipped_copy_is_found_with_its_symmetry(tmp_path, table):
+    flipped = reencode("ISIC_0024306", "ISIC_0024308", Image.Transpose.FLIP_LEFT_RIGHT)
+    out = run(tmp_path, table, edit=flipped, **NEAR)
+    evidence = out.duplicates.set_index("image_id").loc["ISIC_0024308", "evidence"]
+    assert evidence.endswith("after flipping left-right")
+
+
+def test_colliding_hashes_without_pixel_proof_do_not_merge(tmp_path, table, monkeypatch):
+    # Every image gets the same pHash: every pair is a candidate, only the real copy is proven.
+    monkeypatch.setattr(dedupe, "phashes", lambda thumbs: np.zeros((8, len(thumbs)), dtype=np.uint64))
+    out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024308"), **NEAR)
+    assert out.duplicates[["image_id", "duplicate_of"]].values.tolist() == [["ISIC_0024308", "ISIC_0024306"]]
+    assert out.report["lesion_groups"] == 13
+
+
+def test_near_duplicate_with_another_dx_excludes_both(tmp_path, table):
+    out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024310"), **NEAR)
+    why = reasons(out)
+    assert why["ISIC_0024306"] == why["ISIC_0024310"]
+    assert why["ISIC_0024310"].startswith("same image, different dx: near duplicates (phash distance")
+
+
+def test_near_duplicates_can_be_switched_off(tmp_path, table):
+    out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024308"), near_duplicates=False, **NEAR)
+    assert out.duplicates.empty and out.report["lesion_groups"] == 14
+
+
+def test_phash_of_a_flipped_image_is_the_matching_symmetry_hash():
+    thumbs = np.stack([np.asarray(image_pixels(f"ISIC_{i}", (64, 64)).convert("L")) for i in range(5)])
+    hashes = dedupe.phashes(thumbs)
+    for symmetry in range(len(dedupe.SYMMETRIES)):
+        moved = np.ascontiguousarray(dedupe.transform_pixels(thumbs, symmetry))
+        assert (dedupe.phashes(moved)[0] == hashes[symmetry]).all()
+
+
+def test_lesion_groups_join_chains_and_keep_singletons():
+    groups = dedupe.lesion_groups(["a", "b", "c", "d"], [("a", "b"), ("c", "b")])
+    assert groups == {"a": "a+b+c", "b": "a+b+c", "c": "a+b+c", "d": "d"}
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata rules.
+# --------------------------------------------------------------------------------------------
+def test_missing_column_names_the_file_and_column(tmp_path, table):
+    with pytest.raises(StageError, match=rf"{METADATA_FILE}: missing column 'dx'"):
+        run(tmp_path, table.drop(columns="dx"))
+
+
+def test_bom_crlf_and_extra_columns_read_fine(tmp_path, table):
+    def edit(raw):
+        text = table.assign(extra="x").to_csv(index=False, lineterminator="\r\n")
+        (raw / METADATA_FILE).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    out = run(tmp_path, table, edit=edit)
+    assert len(out.images) == 28 and list(out.images.columns) == list(dedupe.IMAGE_COLUMNS)
+    assert out.images["image_id"].iloc[0] == "ISIC_0024306"
+
+
+def test_duplicate_rows_identical_keep_one_and_conflicting_exclude_the_image(tmp_path, table):
+    conflicting = table.iloc[[2]].assign(dx="bcc")
+    out = run(tmp_path, pd.concat([table, table.iloc[[0]], conflicting], ignore_index=True))
+    why = reasons(out)
+    assert why["ISIC_0024306"].startswith("duplicate row") and "ISIC_0024306" in set(out.images["image_id"])
+    assert why["ISIC_0024308"] == "conflicting rows: rows differ in dx"
+    assert "ISIC_0024308" not in set(out.images["image_id"]) and len(out.images) == 27
+
+
+def test_unknown_dx_is_excluded_with_its_value(tmp_path, table):
+    out = run(tmp_path, table.assign(dx=table["dx"].where(table.index != 0, "melanoma?")))
+    assert reasons(out) == {"ISIC_0024306": "unknown dx: 'melanoma?'"}
+    assert len(out.images) == 27 and out.report["excluded"]["unknown dx"]["image_ids"] == ["ISIC_0024306"]
+
+
+def test_lesion_with_two_diagnoses_loses_all_its_images(tmp_path, table):
+    out = run(tmp_path, table.assign(dx=table["dx"].where(table.index != 1, "mel")))
+    assert reasons(out) == {"ISIC_0024306": "lesion with two diagnoses: akiec, mel",
+                            "ISIC_0024307": "lesion with two diagnoses: akiec, mel"}
+    assert len(out.images) == 26
+
+
+def test_empty_or_non_numeric_age_is_kept_as_missing(tmp_path, table):
+    ages = table["age"].astype(object)
+    ages[0], ages[1] = "", "unknown"
+    out = run(tmp_path, table.assign(age=ages, sex=table["sex"].where(table.index != 2, "unknown")))
+    assert len(out.images) == 28 and out.excluded.empty
+    assert out.images.set_index("image_id").loc[["ISIC_0024306", "ISIC_0024307"], "age"].tolist() == ["", ""]
+    assert (out.report["age_missing"], out.report["sex_unknown"]) == (2, 1)
+
+
+def test_row_without_file_and_file_without_row_are_excluded(tmp_path, table):
+    def edit(raw):
+        image_path(raw, "ISIC_0024306").unlink()
+        image_path(raw, "ISIC_0099999").write_bytes(image_path(raw, "ISIC_0024307").read_bytes())
+    out = run(tmp_path, table, edit=edit)
+    assert reasons(out) == {"ISIC_0024306": "no image file", "ISIC_0099999": "no metadata row"}
+    assert len(out.images) == 27 and out.duplicates.empty
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda path: path.write_bytes(b""), "unreadable image: empty file (0 bytes)"),
+    (truncate, "unreadable image: corrupt or truncated image"),
+    (lambda path: path.write_text("lesion_id,image_id\n"), "unreadable image: not an image"),
+    (lambda path: image_pixels("big", (48, 36)).save(path, "JPEG"),
+     "unreadable image: 48x36 pixels is over the limit"),
+])
+def test_unreadable_image_is_excluded_with_why(tmp_path, table, damage, expected):
+    out = run(tmp_path, table, edit=lambda raw: damage(image_path(raw, "ISIC_0024306")),
+              max_image_pixels=1000)  # 24x18 images pass, the 48x36 one does not
+    assert reasons(out)["ISIC_0024306"].startswith(expected)
+    assert str(tmp_path) not in reasons(out)["ISIC_0024306"]
+    assert len(out.images) == 27
+
+
+def test_greyscale_and_cmyk_images_are_kept_and_counted(tmp_path, table):
+    def edit(raw):
+        image_pixels("ISIC_0024306").convert("L").save(image_path(raw, "ISIC_0024306"), "JPEG")
+        image_pixels("ISIC_0024307").convert("CMYK").save(image_path(raw, "ISIC_0024307"), "JPEG")
+    out = run(tmp_path, table, edit=edit)
+    assert len(out.images) == 28 and out.report["converted_to_rgb"] == 2
+
+
+def test_every_row_excluded_is_an_error(tmp_path, table):
+    with pytest.raises(StageError, match=r"no image left.*'unknown dx': 28"):
+        run(tmp_path, table.assign(dx="xyz"))
+
+
+def test_empty_class_is_an_error(tmp_path, table):
+    with pytest.raises(StageError, match=r"class vasc has no image left"):
+        run(tmp_path, table.assign(dx=table["dx"].replace("vasc", "xyz")))
+
+
+def test_metadata_with_rules_applied_in_memory():
+    """The pure row rules, without files: each row is listed under the first rule only."""
+    meta = make_metadata(lesions_per_class=1, images_per_lesion=1).astype(str)
+    meta.loc[0, "lesion_id"] = ""
+    meta.loc[1, "dx"] = "xyz"
+    rows, excluded = dedupe.check_rows(meta)
+    assert excluded[["image_id", "rule"]].values.tolist() == [["ISIC_0024306", "missing id"],
+                                                            ["ISIC_0024307", "unknown dx"]]
+    assert len(rows) == 5

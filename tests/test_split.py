@@ -1,0 +1,138 @@
+"""Stage split: whole lesion groups, every class in every split, close class mix, seeded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages import split
+from stages.common import CLASSES, LABELS, SPLITS, ParamError, StageError, load_params
+from tests.fixtures import make_metadata, write_params
+
+FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+# Unbalanced like HAM10000: many nv lesions, few df and vasc ones; 1-4 images per lesion.
+LESIONS = {"akiec": 30, "bcc": 40, "bkl": 60, "df": 12, "mel": 60, "nv": 300, "vasc": 12}
+
+
+def clean_table(lesions_per_class=LESIONS, seed: int = 0) -> pd.DataFrame:
+    """images.csv as dedupe writes it, with a few lesions merged into one lesion group."""
+    table = make_metadata(lesions_per_class, images_per_lesion=(1, 4), seed=seed)
+    group = table["lesion_id"].replace({"HAM_0000001": "HAM_0000000+HAM_0000001",
+                                        "HAM_0000000": "HAM_0000000+HAM_0000001"})
+    return table.assign(lesion_group=group, label=table["dx"].map(LABELS))
+
+
+def write_clean(folder: Path, table: pd.DataFrame) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "images.csv", index=False)
+    (folder / "report.json").write_text(json.dumps({"images": len(table)}), encoding="utf-8")
+    return folder
+
+
+def run(tmp_path: Path, table: pd.DataFrame, **params) -> dict[str, pd.DataFrame]:
+    split.main(write_clean(tmp_path / "clean", table), tmp_path / "split", tmp_path / "metrics" / "data.json",
+               write_params(tmp_path / "params.yaml", split=params))
+    return {name: pd.read_csv(tmp_path / "split" / f"{name}.csv", dtype=str) for name in SPLITS}
+
+
+# --------------------------------------------------------------------------------------------
+# The pure assignment.
+# --------------------------------------------------------------------------------------------
+def test_no_lesion_group_is_in_two_splits():
+    table = clean_table()
+    splits = split.split_lesions(table, FRACTIONS, seed=1)
+    assert splits.groupby(table["lesion_group"]).nunique().max() == 1
+    merged = splits[table["lesion_group"] == "HAM_0000000+HAM_0000001"]
+    assert merged.nunique() == 1
+
+
+def test_every_class_is_in_every_split_with_close_proportions():
+    table = clean_table()
+    splits = split.split_lesions(table, FRACTIONS, seed=1)
+    counts = pd.crosstab(table["dx"], splits)
+    assert (counts > 0).all().all()
+    share = counts / counts.sum()
+    overall = table["dx"].value_counts(normalize=True)
+    assert (share.sub(overall, axis=0).abs() < 0.03).all().all()
+    groups = splits.groupby(table["lesion_group"]).first()
+    for name, fraction in FRACTIONS.items():
+        assert abs((splits == name).mean() - fraction) < 0.03          # images
+        assert abs((groups == name).mean() - fraction) < 0.03          # lesion groups
+
+
+def test_same_seed_same_split_whatever_the_row_order():
+    table = clean_table()
+    first = split.split_lesions(table, FRACTIONS, seed=7)
+    again = split.split_lesions(table.sample(frac=1, random_state=3), FRACTIONS, seed=7)
+    assert first.equals(again.sort_index())
+
+
+def test_another_seed_gives_another_split():
+    table = clean_table()
+    one, two = (split.split_lesions(table, FRACTIONS, seed) for seed in (1, 2))
+    assert not one.equals(two)
+
+
+def test_too_few_lesion_groups_is_an_error_with_the_numbers():
+    table = clean_table({**LESIONS, "df": 2})
+    images = (table["dx"] == "df").sum()
+    message = rf"class df has 2 lesion group\(s\) \({images} images\); at least 3 are needed"
+    with pytest.raises(StageError, match=message):
+        split.split_lesions(table, FRACTIONS, seed=1)
+
+
+def test_lesion_group_with_two_classes_is_an_error():
+    table = clean_table()
+    table.loc[0, "dx"] = "vasc"
+    with pytest.raises(StageError, match=r"lesion group HAM_0000000\+HAM_0000001 holds images of two"):
+        split.split_lesions(table, FRACTIONS, seed=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Params.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values, message", [
+    ({"train": 0.8}, r"split: train \+ val \+ test must sum to 1, got 0.8 \+ 0.15 \+ 0.15 = 1.1"),
+    ({"val": 0.0, "test": 0.3}, r"split: val must be > 0, got 0.0"),
+    ({"train": 1.2, "val": -0.1, "test": -0.1}, r"split: val, test must be > 0"),
+])
+def test_bad_fractions_are_a_param_error_naming_the_keys(tmp_path, values, message):
+    with pytest.raises(ParamError, match=message):
+        load_params("split", split.SplitParams, write_params(tmp_path / "params.yaml", split=values))
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------
+def test_stage_writes_splits_classes_and_metrics(tmp_path):
+    table = clean_table()
+    tables = run(tmp_path, table)
+    assert sorted(pd.concat(tables.values())["image_id"]) == sorted(table["image_id"])
+    for frame in tables.values():
+        assert list(frame.columns) == list(split.OUTPUT_COLUMNS)
+        assert frame["image_id"].is_monotonic_increasing
+    classes = json.loads((tmp_path / "split" / "classes.json").read_text(encoding="utf-8"))
+    assert [(c["label"], c["dx"]) for c in classes] == list(enumerate(CLASSES))
+    metrics = json.loads((tmp_path / "metrics" / "data.json").read_text(encoding="utf-8"))
+    assert metrics["images"] == len(table)  # dedupe's report, carried over
+    assert [metrics["splits"][name]["images"] for name in SPLITS] == [len(tables[name]) for name in SPLITS]
+    assert list(metrics["splits"]["val"]["images_per_class"]) == list(CLASSES)
+    assert metrics["splits"]["max_class_share_deviation_pp"] < 3
+
+
+def test_stage_output_is_byte_identical_for_the_same_seed(tmp_path):
+    table = clean_table()
+    run(tmp_path / "a", table, seed=5)
+    run(tmp_path / "b", table.sample(frac=1, random_state=1), seed=5)
+    for name in SPLITS:
+        first, second = (tmp_path / run_name / "split" / f"{name}.csv" for run_name in ("a", "b"))
+        assert first.read_bytes() == second.read_bytes()
+
+
+def test_stage_refuses_an_unknown_dx(tmp_path):
+    table = clean_table()
+    table.loc[0, "dx"] = "xyz"
+    with pytest.raises(StageError, match=r"images.csv: unknown dx 'xyz'"):
+        run(tmp_path, table)

@@ -1,0 +1,159 @@
+"""Stage train: model shape and scaling, freezing, class weights, selection on validation,
+weights from Keras's cache, seeded runs, params errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import train
+from stages.common import CLASSES, ParamError, StageError, load_params
+from tests.conftest import TINY_TRAIN
+from tests.fixtures import write_params
+
+PARAMS = train.TrainParams(**TINY_TRAIN)
+
+
+def test_model_takes_pixels_and_returns_class_probabilities():
+    model = train.build_model(32, PARAMS)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, len(CLASSES))
+    proba = model.predict(np.full((2, 32, 32, 3), 255.0, np.float32), verbose=0)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    names = [layer.name for layer in model.layers]
+    assert "conv_pw_13_relu" in names, "MobileNet's layers are in the model itself (flat), for Grad-CAM"
+    assert names.index("scale_to_mobilenet") < names.index("conv1")
+
+
+def test_layers_before_trainable_from_are_frozen():
+    model = train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_dw_12"}))
+    names = [layer.name for layer in model.layers]
+    first = names.index("conv_dw_12")
+    assert not any(layer.trainable for layer in model.layers[:first] if layer.weights)
+    assert all(layer.trainable for layer in model.layers[first:])
+
+
+def test_unknown_trainable_from_names_the_key():
+    with pytest.raises(ParamError, match="train.trainable_from.*conv_dw_99"):
+        train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_dw_99"}))
+
+
+def test_image_size_below_mobilenet_minimum_is_refused():
+    with pytest.raises(ParamError, match="image_size must be >= 32"):
+        train.build_model(16, PARAMS)
+
+
+def test_balanced_class_weights_give_each_class_equal_total_weight():
+    labels = np.array([5] * 60 + [4] * 20 + [0] * 10 + [1, 2, 3, 6] * 5)
+    weights = train.class_weights(labels, "balanced")
+    totals = [weights[k] * np.sum(labels == k) for k in range(len(CLASSES))]
+    np.testing.assert_allclose(totals, totals[0])
+    assert train.class_weights(labels, "none") is None
+
+
+def test_checkpoint_is_chosen_by_validation_balanced_accuracy_not_accuracy():
+    """Epoch 1 predicts `nv` everywhere (accuracy 0.8, balanced 0.5); epoch 2 finds both
+    melanomas (accuracy 0.6, balanced 0.75); epoch 3 is the nv-only model again. The
+    selection must keep epoch 2's weights."""
+    import keras
+
+    val_labels = np.array([5] * 8 + [4] * 2)
+    features = np.eye(10, dtype=np.float32)  # one-hot per validation image: weights decide each answer
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(len(CLASSES), use_bias=False,
+                                                                     activation="softmax")])
+
+    def weights_predicting(classes):
+        w = np.zeros((10, len(CLASSES)), np.float32)
+        w[np.arange(10), classes] = 10.0
+        return [w]
+
+    all_nv = weights_predicting([5] * 10)
+    finds_mel = weights_predicting([5, 5, 5, 5, 4, 4, 4, 4, 4, 4])
+    selector = train.validation_callback(features, val_labels, batch_size=4)
+    selector.set_model(model)
+    logs_seen = []
+    for epoch, weights in enumerate([all_nv, finds_mel, all_nv]):
+        model.set_weights(weights)
+        logs = {}
+        selector.on_epoch_end(epoch, logs)
+        logs_seen.append(logs)
+    selector.on_train_end()
+    assert logs_seen[0]["val_accuracy"] == pytest.approx(0.8)
+    assert logs_seen[0]["val_balanced_accuracy"] == pytest.approx(0.5)
+    assert logs_seen[1]["val_balanced_accuracy"] == pytest.approx(0.75)
+    assert selector.best_epoch == 1
+    np.testing.assert_array_equal(model.get_weights()[0], finds_mel[0])
+
+
+def test_imagenet_weights_come_from_keras_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cached = tmp_path / "models" / "mobilenet_1_0_224_tf_no_top.h5"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"stand-in")  # Keras finds it in its cache and does not download
+    assert Path(train.imagenet_weights_path(1.0)) == cached
+
+
+def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkeypatch):
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("URL fetch failure: no route to host")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(StageError) as err:
+        train.imagenet_weights_path(0.25)
+    message = str(err.value)
+    assert "mobilenet_2_5_224_tf_no_top.h5" in message
+    assert str(tmp_path / "models") in message
+    assert "train.weights: none" in message
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochz": 3}, "unknown key train.epochz"),
+    ({"epochs": "two"}, "train.epochs must be int"),
+    ({"weights": "imagenet", "alpha": 0.3}, "alpha must be one of"),
+    ({"optimizer": "rmsprop"}, "train.optimizer must be one of"),
+    ({"dropout": 1.5}, "dropout must be in"),
+])
+def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
+    path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, **change})
+    with pytest.raises(ParamError, match=message):
+        load_params("train", train.TrainParams, path)
+
+
+def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path):
+    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)
+    runs = []
+    for run in ("a", "b"):
+        train.main(params, tiny_shards, tmp_path / run / "model.keras", tmp_path / run / "live")
+        runs.append(json.loads((tmp_path / run / "live" / "metrics.json").read_text()))
+    assert runs[0] == runs[1]
+    assert runs[0]["best_epoch"] == 1
+    assert (tmp_path / "a" / "model.keras").exists()
+    assert (tmp_path / "a" / "live" / "plots" / "metrics" / "eval" / "balanced_accuracy.tsv").exists()
+    assert not list((tmp_path / "a").glob(".model*")), "no temporary model left behind"
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
+    """`distribution: mirrored` on two logical CPU devices (a fresh process: devices are fixed at start)."""
+    import subprocess
+    import sys
+
+    params = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, "distribution": "mirrored"})
+    code = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from stages import train\n"
+        f"train.main({str(params)!r}, {str(tiny_shards)!r}, {str(tmp_path / 'model.keras')!r}, {str(tmp_path / 'live')!r})\n"
+        "print('replicas', tf.distribute.MirroredStrategy().num_replicas_in_sync)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "replicas 2" in done.stdout
+    assert (tmp_path / "model.keras").exists()
