@@ -261,6 +261,9 @@ def run_stage(main: Callable[[], None]) -> None:
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except OSError as err:  # disk full, permissions...: the outputs are still the previous ones
+        print(f"error: {err} (outputs left as they were before this run)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: outputs left as they were before this run", file=sys.stderr)
         sys.exit(130)

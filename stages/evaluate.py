@@ -17,6 +17,7 @@ from stages.common import (
     CLASSES,
     MELANOMA,
     PARAMS_FILE,
+    StageError,
     atomic_write_json,
     atomic_write_text,
     load_params,
@@ -138,9 +139,11 @@ def evaluate_split(model, data_dir: Path, split: str, batch_size: int, plots_dir
 
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),
          model_path: Path = Path("models/model.keras"), metrics_dir: Path = Path("metrics")) -> None:
+    params = load_params("evaluate", EvaluateParams, params_path)
+    if not Path(model_path).is_file():
+        raise StageError(f"{model_path}: no trained model (run: dvc repro train)")
     import keras
 
-    params = load_params("evaluate", EvaluateParams, params_path)
     model = keras.saving.load_model(model_path)
     metrics_dir = Path(metrics_dir)
     for split in ("val", "test"):  # the only place the test split is read

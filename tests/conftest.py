@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from stages.common import CLASSES, write_shards  # noqa: E402
 
 TINY_TRAIN = {
-    "seed": 1, "weights": "none", "alpha": 0.25, "trainable_from": "all", "dropout": 0.1,
+    "seed": 1, "weights": "none", "alpha": 0.25, "trainable_from": "all", "freeze_batchnorm": False, "dropout": 0.1,
     "optimizer": "adam", "learning_rate": 0.01, "reduce_lr_factor": 0.5, "reduce_lr_patience": 1,
     "min_learning_rate": 0.0001, "epochs": 1, "batch_size": 16, "class_weight": "balanced",
     "random_flip": True, "distribution": "default",

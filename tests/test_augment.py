@@ -1,6 +1,8 @@
 """Tests of stages/augment.py on tiny splits made here: 40x30 JPEGs (4:3 like HAM10000) to 32x32."""
 from __future__ import annotations
 
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -245,3 +247,65 @@ def test_label_that_disagrees_with_dx_is_an_error(project):
     table.to_csv(project.split_dir / "test.csv", index=False)
     with pytest.raises(StageError, match="test.csv"):
         project.run()
+
+
+# --------------------------------------------------------------------------------------------
+# Faults (issue 4): odd colour modes, damaged files, params; a failed run keeps the old output.
+# --------------------------------------------------------------------------------------------
+def test_greyscale_and_cmyk_jpegs_become_rgb_on_the_one_loading_path(project):
+    grey_id, cmyk_id = project.tables["train"]["image_id"][:2]
+    original = {i: project.source(i).astype(int) for i in (grey_id, cmyk_id)}
+    for image_id, mode in ((grey_id, "L"), (cmyk_id, "CMYK")):
+        path = project.images / f"{image_id}.jpg"
+        Image.open(path).convert(mode).save(path, quality=95)
+        assert Image.open(path).mode == mode
+    grey, cmyk = (load_image(project.images / f"{i}.jpg", 32) for i in (grey_id, cmyk_id))  # predict's path
+    assert grey.shape == cmyk.shape == (32, 32, 3) and grey.dtype == cmyk.dtype == np.uint8
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert np.abs(cmyk - original[cmyk_id]).mean() < 15  # the same picture, not inverted colours
+
+    images, _, ids = read_shards(project.run(), "train")  # and the stage takes them as they are
+    for image_id, expected in ((grey_id, grey), (cmyk_id, cmyk)):
+        np.testing.assert_array_equal(images[ids.tolist().index(image_id)], expected)
+
+
+def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
+    """A decompression bomb: the JPEG's frame header (SOF0) claims width x height pixels."""
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
+    (lambda path: path.write_bytes(path.read_bytes()[:200]), "corrupt or truncated image"),
+    (declare_size, "decompression bomb"),
+], ids=["empty", "truncated", "bomb-header"])
+def test_damaged_image_stops_the_stage_naming_file_and_why(project, damage, why):
+    out = project.run()
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = project.images / f"{project.tables['val']['image_id'][1]}.jpg"
+    damage(broken)
+    with pytest.raises(StageError, match=rf"{broken}: {re.escape(why)}.*out of sync \(re-run: dvc repro\)"):
+        project.run(seed=8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert not list(project.root.glob(".out.*")), "temporary output left behind"
+
+
+def test_target_below_the_class_size_keeps_every_real_image_and_says_so(project, caplog):
+    caplog.set_level(logging.INFO, logger="augment")
+    counts = read_index(project.run(target_per_class=2))["splits"]["train"]["class_counts"]
+    assert (counts["nv"], counts["mel"], counts["df"]) == (6, 3, 2)  # never fewer than the real images
+    assert "train nv: 6 real images, at or above target_per_class 2: not augmented" in caplog.messages
+    assert "train mel: 3 real images, at or above target_per_class 2: not augmented" in caplog.messages
+
+
+def test_image_size_the_model_cannot_take_is_refused_before_any_image_is_read(project):
+    out = project.run()
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    for image in project.images.iterdir():
+        image.unlink()  # were any image read, the error would be "not found"
+    with pytest.raises(ParamError, match=r"^augment: image_size must be between 32 and 512, got 16$"):
+        project.run(image_size=16)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from stages import dedupe
-from stages.common import CLASSES, StageError
+from stages.common import CLASSES, ParamError, StageError
 from tests.fixtures import METADATA_FILE, image_pixels, jpeg_bytes, make_metadata, write_params, write_raw
 
 
@@ -52,6 +52,22 @@ def copy_image(raw: Path, source: str, target: str, transform=None, quality: int
 
 def reasons(out: SimpleNamespace) -> dict[str, str]:
     return dict(zip(out.excluded["image_id"], out.excluded["reason"]))
+
+
+def clean_files(tmp_path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+
+
+@pytest.fixture
+def previous_clean(tmp_path, table) -> dict[str, bytes]:
+    """A complete earlier output that a failed run must leave untouched."""
+    run(tmp_path, table)
+    return clean_files(tmp_path)
+
+
+def assert_unharmed(tmp_path: Path, previous: dict[str, bytes]) -> None:
+    assert clean_files(tmp_path) == previous
+    assert not list(tmp_path.glob(".clean.*")), "temporary output left behind"
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +188,10 @@ def test_lesion_groups_join_chains_and_keep_singletons():
 # --------------------------------------------------------------------------------------------
 # Metadata rules.
 # --------------------------------------------------------------------------------------------
-def test_missing_column_names_the_file_and_column(tmp_path, table):
-    with pytest.raises(StageError, match=rf"{METADATA_FILE}: missing column 'dx'"):
+def test_missing_column_names_the_file_and_column(tmp_path, table, previous_clean):
+    with pytest.raises(StageError, match=rf"{METADATA_FILE}: missing column 'dx' \(required: lesion_id, "):
         run(tmp_path, table.drop(columns="dx"))
+    assert_unharmed(tmp_path, previous_clean)
 
 
 def test_bom_crlf_and_extra_columns_read_fine(tmp_path, table):
@@ -230,13 +247,22 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
+    """A decompression bomb: the JPEG's frame header (SOF0) claims width x height pixels."""
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, expected", [
     (lambda path: path.write_bytes(b""), "unreadable image: empty file (0 bytes)"),
     (truncate, "unreadable image: corrupt or truncated image"),
     (lambda path: path.write_text("lesion_id,image_id\n"), "unreadable image: not an image"),
     (lambda path: image_pixels("big", (48, 36)).save(path, "JPEG"),
      "unreadable image: 48x36 pixels is over the limit"),
-])
+    (declare_size, "unreadable image: decompression bomb (Image size (400000000 pixels) exceeds limit"),
+], ids=["empty", "truncated", "not-an-image", "over-max-image-pixels", "bomb-header"])
 def test_unreadable_image_is_excluded_with_why(tmp_path, table, damage, expected):
     out = run(tmp_path, table, edit=lambda raw: damage(image_path(raw, "ISIC_0024306")),
               max_image_pixels=1000)  # 24x18 images pass, the 48x36 one does not
@@ -253,14 +279,17 @@ def test_greyscale_and_cmyk_images_are_kept_and_counted(tmp_path, table):
     assert len(out.images) == 28 and out.report["converted_to_rgb"] == 2
 
 
-def test_every_row_excluded_is_an_error(tmp_path, table):
+def test_every_row_excluded_is_an_error(tmp_path, table, previous_clean):
     with pytest.raises(StageError, match=r"no image left.*'unknown dx': 28"):
         run(tmp_path, table.assign(dx="xyz"))
+    assert_unharmed(tmp_path, previous_clean)
 
 
-def test_empty_class_is_an_error(tmp_path, table):
-    with pytest.raises(StageError, match=r"class vasc has no image left"):
+def test_empty_class_is_an_error(tmp_path, table, previous_clean):
+    with pytest.raises(StageError, match=r"class vasc has no image left \(excluded rows by rule: "
+                                         r"\{'unknown dx': 4\}\)"):
         run(tmp_path, table.assign(dx=table["dx"].replace("vasc", "xyz")))
+    assert_unharmed(tmp_path, previous_clean)
 
 
 def test_metadata_with_rules_applied_in_memory():
@@ -272,3 +301,19 @@ def test_metadata_with_rules_applied_in_memory():
     assert excluded[["image_id", "rule"]].values.tolist() == [["ISIC_0024306", "missing id"],
                                                             ["ISIC_0024307", "unknown dx"]]
     assert len(rows) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Params.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values, message", [
+    ({"near_duplicate": False}, r"unknown key dedupe.near_duplicate \(known keys: near_duplicates, "),
+    ({"phash_max_distance": "6"}, r"dedupe.phash_max_distance must be int, got '6'"),
+    ({"near_duplicates": "yes"}, r"dedupe.near_duplicates must be bool, got 'yes'"),
+    ({"max_image_pixels": None}, r"dedupe.max_image_pixels must be int, got None"),
+], ids=["unknown-key", "wrong-type", "string-for-bool", "null"])
+def test_bad_params_stop_the_stage_before_it_reads_any_image(tmp_path, previous_clean, values, message):
+    params = write_params(tmp_path / "params.yaml", dedupe=values)
+    with pytest.raises(ParamError, match=message):  # not "raw/...: not found": params come first
+        dedupe.main(tmp_path / "missing", tmp_path / "clean", params, workers=1)
+    assert_unharmed(tmp_path, previous_clean)

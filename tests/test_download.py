@@ -5,12 +5,19 @@ failure checks the message and that the previous good data/raw/ is still there.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import random
+import select
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
 from functools import lru_cache
@@ -43,6 +50,7 @@ PARAMS = {
 }
 RAW = Path("data/raw")
 CACHE = Path("data/downloads")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- fixtures and builders -----------------------------------------------------------------
@@ -188,7 +196,7 @@ def test_404_fails_at_once_naming_url_and_status(previous_raw, monkeypatch, slee
         with pytest.raises(StageError, match=f"{server.url}{P2}: HTTP 404"):
             download.main()
         assert server.count(P2) == 1
-    assert sleeps == [] and not (CACHE / f"{P2}.part").exists()
+    assert sleeps == [] and not list(CACHE.glob(f"{P2}*"))
     assert_unharmed(previous_raw)
 
 
@@ -211,6 +219,7 @@ def test_transient_status_forever_gives_up_after_retries(previous_raw, monkeypat
             download.main()
         assert server.count(P1) == 4
     assert sleeps == [1.0, 2.0, 4.0]
+    assert not list(CACHE.glob(f"{P1}*")), "no half file where the verified one belongs"
     assert_unharmed(previous_raw)
 
 
@@ -467,3 +476,137 @@ def test_mirror_variable_must_be_a_url(previous_raw, monkeypatch):
     with pytest.raises(StageError, match=f"{download.MIRROR_ENV}='/some/folder': must be an http"):
         download.main()
     assert_unharmed(previous_raw)
+
+
+# ---- faults across runs: a dropped connection, a full disk, a killed process (issue 4) ---------
+def test_dropped_connection_after_the_last_retry_resumes_on_the_next_run(previous_raw, monkeypatch, sleeps):
+    files = mirror_files()
+    half = len(files[P1]) // 2
+    write_params(retries=0)
+    with FileServer(files) as server:
+        server.drop(P1, after_bytes=half)
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=rf"{server.url}{P1}: connection (lost|closed) after "
+                                             rf"{half:,} .*gave up after 0 retries"):
+            download.main()
+        assert (CACHE / f"{P1}.part").read_bytes() == files[P1][:half], "kept for the next run"
+        assert not (CACHE / P1).exists()
+        assert_unharmed(previous_raw)
+
+        download.main()  # the next run asks for the rest only
+        last = [r for r in server.requests if r.path == P1][-1]
+    assert (last.range, last.status) == (f"bytes={half}-", 206)
+    assert (CACHE / P1).read_bytes() == files[P1] and not (CACHE / f"{P1}.part").exists()
+    assert raw_files() == expected_raw() and sleeps == []
+
+
+def test_disk_full_during_extraction_keeps_downloads_and_previous_output(previous_raw, monkeypatch, sleeps):
+    real_copy, calls = download.copy_entry, []
+
+    def copy_until_disk_full(src, dst, declared):
+        calls.append(1)
+        if len(calls) == 3:
+            dst.write(b"\xff\xd8")  # a few bytes land, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_copy(src, dst, declared)
+
+    with FileServer(mirror_files()) as server:
+        use_mirror(monkeypatch, server)
+        monkeypatch.setattr(download, "copy_entry", copy_until_disk_full)
+        with pytest.raises(OSError) as full:
+            download.main()
+        assert full.value.errno == errno.ENOSPC and "No space left on device" in str(full.value)
+        assert_unharmed(previous_raw)  # no half-extracted data/raw, no temporary folder left
+        assert {p.name for p in CACHE.iterdir()} == {P1, P2, META}, "verified downloads are kept"
+
+        monkeypatch.setattr(download, "copy_entry", real_copy)
+        download.main()  # space freed: the next run extracts from the cache, fetching nothing
+        assert [server.count(name) for name in (P1, P2, META)] == [1, 1, 1]
+    assert raw_files() == expected_raw()
+
+
+def run_until_killed(code: str, ready: str, **env: str) -> None:
+    """Run `code` in a fresh Python (in the cwd) and SIGKILL it as soon as it prints `ready`."""
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    try:
+        if select.select([process.stdout], [], [], 60)[0]:
+            line = process.stdout.readline().strip()
+        else:
+            line = "(nothing printed in 60 s)"
+        if line != ready:
+            process.kill()
+            pytest.fail(f"expected {ready!r}, got {line!r}; stderr: {process.communicate()[1][-2000:]}")
+        process.kill()  # SIGKILL: no cleanup code of the stage runs
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+HANG_IN_SECOND_ENTRY = """
+import time
+import stages.download as download
+real_copy, calls = download.copy_entry, []
+def copy_then_hang(src, dst, declared):
+    real_copy(src, dst, declared)
+    calls.append(1)
+    if len(calls) == 2:
+        dst.flush()
+        print("extracting", flush=True)
+        time.sleep(120)
+download.copy_entry = copy_then_hang
+download.main()
+"""
+
+
+def test_killed_extraction_leaves_previous_output_and_the_next_run_starts_clean(previous_raw):
+    local = Path("local")
+    local.mkdir()
+    for name, data in release().items():
+        (local / name).write_bytes(data)
+    write_params(local_dir=str(local))
+    run_until_killed(HANG_IN_SECOND_ENTRY, "extracting")
+    (leftover,) = Path("data").glob(".raw.*.tmp")
+    assert len(list((leftover / "images").iterdir())) == 2, "killed halfway through the extraction"
+    assert raw_files() == previous_raw, "data/raw is still the previous complete output"
+
+    download.main()
+    assert raw_files() == expected_raw()
+    assert not list(Path("data").glob(".raw.*")), "the killed run's folder was removed"
+
+
+HANG_IN_DOWNLOAD = """
+import time
+import stages.download as download
+download.CHUNK_BYTES = 1 << 16  # bigger than the file buffer: each chunk reaches the disk
+class HangAfterFirstChunk:
+    def __init__(self, *args, **kwargs): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def update(self, n):
+        print("downloading", flush=True)
+        time.sleep(120)
+download.tqdm = HangAfterFirstChunk
+download.main()
+"""
+
+
+def test_killed_download_resumes_on_the_next_run(previous_raw, monkeypatch, sleeps):
+    files = release()
+    padding = random.Random(4).randbytes(200_000)  # incompressible
+    files[P1] = make_zip({**{f"ISIC_000000{i}.jpg": jpeg(i) for i in (1, 2, 3)}, "README.bin": padding})
+    files["SHA256SUMS"] = sha256sums(files)
+    with FileServer(files) as server:
+        run_until_killed(HANG_IN_DOWNLOAD, "downloading", **{download.MIRROR_ENV: server.url})
+        assert (CACHE / f"{P1}.part").stat().st_size == 1 << 16
+        assert not (CACHE / P1).exists()
+        assert_unharmed(previous_raw)
+
+        use_mirror(monkeypatch, server)
+        download.main()
+        last = [r for r in server.requests if r.path == P1][-1]
+    assert (last.range, last.status) == (f"bytes={1 << 16}-", 206)
+    assert (CACHE / P1).read_bytes() == files[P1]  # and it matched SHA256SUMS
+    assert raw_files() == expected_raw()

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from stages import evaluate, train
-from stages.common import CLASSES
+from stages.common import CLASSES, ParamError
 from tests.conftest import TINY_TRAIN
 from tests.fixtures import write_params
 
@@ -81,3 +81,19 @@ def test_main_writes_val_and_test_metrics_and_plots(tiny_shards, tmp_path):
         assert m["images"] == 4 * len(CLASSES)
         for plot in ("predictions.csv", "roc.csv", "precision_recall.csv"):
             assert (tmp_path / "metrics" / "plots" / split / plot).exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"batch": 64}, r"^unknown key evaluate.batch \(known keys: batch_size\)$"),
+    ({"batch_size": "64"}, r"^evaluate.batch_size must be int, got '64'$"),
+    ({"batch_size": 0}, r"^evaluate: batch_size must be >= 1, got 0$"),
+], ids=["unknown-key", "wrong-type", "zero"])
+def test_bad_params_are_refused_before_the_model_is_read(tmp_path, values, message):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "test.json").write_text('{"balanced_accuracy": 0.7}\n')
+    params = write_params(tmp_path / "params.yaml", evaluate=values)
+    with pytest.raises(ParamError, match=message):  # not "model not found": params come first
+        evaluate.main(params, tmp_path / "missing", tmp_path / "missing.keras", metrics)
+    assert [p.name for p in metrics.iterdir()] == ["test.json"]
+    assert (metrics / "test.json").read_text() == '{"balanced_accuracy": 0.7}\n'

@@ -1,7 +1,9 @@
 """Stage split: whole lesion groups, every class in every split, close class mix, seeded."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -97,7 +99,7 @@ def test_lesion_group_with_two_classes_is_an_error():
     ({"train": 0.8}, r"split: train \+ val \+ test must sum to 1, got 0.8 \+ 0.15 \+ 0.15 = 1.1"),
     ({"val": 0.0, "test": 0.3}, r"split: val must be > 0, got 0.0"),
     ({"train": 1.2, "val": -0.1, "test": -0.1}, r"split: val, test must be > 0"),
-])
+], ids=["sum", "zero", "negative"])
 def test_bad_fractions_are_a_param_error_naming_the_keys(tmp_path, values, message):
     with pytest.raises(ParamError, match=message):
         load_params("split", split.SplitParams, write_params(tmp_path / "params.yaml", split=values))
@@ -136,3 +138,67 @@ def test_stage_refuses_an_unknown_dx(tmp_path):
     table.loc[0, "dx"] = "xyz"
     with pytest.raises(StageError, match=r"images.csv: unknown dx 'xyz'"):
         run(tmp_path, table)
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: a failed run leaves the previous complete output as it was (issue 4).
+# --------------------------------------------------------------------------------------------
+def outputs(tmp_path: Path) -> dict[str, bytes]:
+    """Every file of the stage's outputs (data/split and metrics/data.json), by path."""
+    files = [*(tmp_path / "split").rglob("*"), tmp_path / "metrics" / "data.json"]
+    return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in files if p.is_file()}
+
+
+def assert_no_temporary_output(tmp_path: Path) -> None:
+    assert not [p.name for p in tmp_path.rglob(".*") if ".tmp" in p.name], "temporary output left behind"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"shuffle": True}, r"unknown key split.shuffle \(known keys: seed, train, val, test\)"),
+    ({"seed": "42"}, r"split.seed must be int, got '42'"),
+    ({"train": 0.6}, r"split: train \+ val \+ test must sum to 1, got 0.6 \+ 0.15 \+ 0.15 = 0.9"),
+], ids=["unknown-key", "wrong-type", "sum"])
+def test_bad_params_stop_the_stage_before_it_reads_data(tmp_path, values, message):
+    run(tmp_path, clean_table())
+    previous = outputs(tmp_path)
+    params = write_params(tmp_path / "params.yaml", split=values)
+    with pytest.raises(ParamError, match=message):  # not "images.csv: not found": params come first
+        split.main(tmp_path / "missing", tmp_path / "split", tmp_path / "metrics" / "data.json", params)
+    assert outputs(tmp_path) == previous
+
+
+def test_too_few_lesion_groups_stops_the_stage_and_keeps_the_previous_split(tmp_path):
+    run(tmp_path, clean_table())
+    previous = outputs(tmp_path)
+    table = clean_table({**LESIONS, "vasc": 2})
+    images = (table["dx"] == "vasc").sum()
+    with pytest.raises(StageError, match=rf"class vasc has 2 lesion group\(s\) \({images} images\); "
+                                         r"at least 3 are needed to put it in every split"):
+        run(tmp_path, table)
+    assert outputs(tmp_path) == previous
+    assert_no_temporary_output(tmp_path)
+
+
+def test_disk_full_while_writing_keeps_the_previous_split(tmp_path, monkeypatch):
+    run(tmp_path, clean_table())
+    previous = outputs(tmp_path)
+    real_write, calls = split.write_table, []
+
+    def write_until_disk_full(path, table):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, table)
+
+    monkeypatch.setattr(split, "write_table", write_until_disk_full)
+    with pytest.raises(OSError) as full:
+        run(tmp_path, clean_table(), seed=99)
+    assert full.value.errno == errno.ENOSPC and "No space left on device" in str(full.value)
+    assert calls[0].parent.name.startswith(".split.") and calls[0].name == "train.csv"
+    assert outputs(tmp_path) == previous, "neither data/split nor metrics/data.json changed"
+    assert_no_temporary_output(tmp_path)
+
+    monkeypatch.setattr(split, "write_table", real_write)
+    run(tmp_path, clean_table(), seed=99)  # space freed: the next run completes
+    assert outputs(tmp_path) != previous
+    assert_no_temporary_output(tmp_path)

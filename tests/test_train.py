@@ -3,6 +3,12 @@ weights from Keras's cache, seeded runs, params errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +16,12 @@ import pytest
 
 from stages import train
 from stages.common import CLASSES, ParamError, StageError, load_params
-from tests.conftest import TINY_TRAIN
+from tests.conftest import TINY_TRAIN, make_shards
 from tests.fixtures import write_params
 
 PARAMS = train.TrainParams(**TINY_TRAIN)
+ROOT = Path(__file__).resolve().parents[1]
+PREVIOUS_MODEL = b"the previous run's model"
 
 
 def test_model_takes_pixels_and_returns_class_probabilities():
@@ -118,11 +126,17 @@ def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkey
     ({"weights": "imagenet", "alpha": 0.3}, "alpha must be one of"),
     ({"optimizer": "rmsprop"}, "train.optimizer must be one of"),
     ({"dropout": 1.5}, "dropout must be in"),
-])
+], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout"])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, **change})
     with pytest.raises(ParamError, match=message):
         load_params("train", train.TrainParams, path)
+    model = tmp_path / "models" / "model.keras"
+    model.parent.mkdir()
+    model.write_bytes(PREVIOUS_MODEL)
+    with pytest.raises(ParamError, match=message):  # the stage: before it reads the (missing) shards
+        train.main(path, tmp_path / "missing", model, tmp_path / "live")
+    assert model.read_bytes() == PREVIOUS_MODEL
 
 
 def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path):
@@ -157,3 +171,84 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "replicas 2" in done.stdout
     assert (tmp_path / "model.keras").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Faults (issue 4): shards the model cannot take, an interrupted save, Ctrl-C during training.
+# --------------------------------------------------------------------------------------------
+def previous_model(folder: Path) -> Path:
+    model = folder / "models" / "model.keras"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(PREVIOUS_MODEL)
+    return model
+
+
+def test_shards_smaller_than_mobilenet_takes_are_refused_before_training(tmp_path):
+    model = previous_model(tmp_path)
+    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)
+    shards = make_shards(tmp_path / "augmented", size=16, per_class={"train": 2, "val": 1})
+    with pytest.raises(ParamError, match=r"^augment.image_size must be >= 32 for MobileNet, got 16$"):
+        train.main(params, shards, model, tmp_path / "live")
+    assert model.read_bytes() == PREVIOUS_MODEL
+    assert not (tmp_path / "live").exists(), "refused before training started"
+
+
+def test_interrupted_save_keeps_the_previous_model(tmp_path):
+    model_path = previous_model(tmp_path)
+
+    class SaveInterrupted:
+        def save(self, path):
+            Path(path).write_bytes(b"half a model")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_model(SaveInterrupted(), model_path)
+    assert model_path.read_bytes() == PREVIOUS_MODEL
+    assert [p.name for p in model_path.parent.iterdir()] == ["model.keras"], "no temporary model left"
+
+
+def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
+    """`python -m stages.train` as dvc runs it, interrupted once fit() has started (Ctrl-C sends
+    SIGINT). DVC itself deletes the stage's outputs before it runs the command (they stay in its
+    cache); run directly, the stage keeps the previous model. Either way no half model is left."""
+    make_shards(tmp_path / "data" / "augmented")
+    write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, "epochs": 1000})
+    model = previous_model(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    watchdog = threading.Timer(300, process.kill)  # a hung run fails the test instead of blocking it
+    watchdog.start()
+    try:
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("Epoch 1/1000"):  # Keras's first line inside fit()
+                process.send_signal(signal.SIGINT)
+                break
+        output = "".join(seen) + process.communicate(timeout=120)[0]
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, output[-3000:]
+    assert "Epoch 1/1000" in output
+    assert "interrupted: outputs left as they were before this run" in output, output[-3000:]
+    assert "Traceback" not in output
+    assert model.read_bytes() == PREVIOUS_MODEL
+    assert [p.name for p in model.parent.iterdir()] == ["model.keras"], "no temporary model left"
+
+    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)  # the re-run, 1 epoch
+    train.main(params, tmp_path / "data" / "augmented", model, tmp_path / "metrics" / "train")
+    assert zipfile.is_zipfile(model) and model.read_bytes() != PREVIOUS_MODEL
+    assert [p.name for p in model.parent.iterdir()] == ["model.keras"]
+
+
+def test_freeze_batchnorm_keeps_imagenet_statistics_in_inference_mode():
+    import keras
+
+    model = train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "freeze_batchnorm": True}))
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.trainable for layer in norms)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert all(layer.trainable for layer in convs), "trainable_from: all still trains the convolutions"
