@@ -1,0 +1,236 @@
+"""Stage report: Grad-CAM, calibration, subgroups, the model card, and the stage end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import evaluate, report, train
+from stages.common import CLASS_NAMES, CLASSES, ParamError, load_params
+from tests.conftest import TINY_TRAIN, make_shards
+from tests.fixtures import write_params
+
+TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "calibration_bins": 5, "age_bands": [30, 60],
+               "min_group_size": 5, "data_source": "mirror"}
+
+
+def evidence_model():
+    """A hand-built model whose Grad-CAM is known: class 0 is the image's brightness, class 1 its opposite."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    features = keras.layers.ReLU(name=report.GRADCAM_LAYER)(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    dense = keras.layers.Dense(2, activation="softmax", name="probabilities")
+    outputs = dense(pooled)
+    dense.set_weights([np.array([[0.1, -0.1]] * 3, np.float32), np.zeros(2, np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+def test_gradcam_finds_the_evidence_for_the_class_asked():
+    image = np.zeros((1, 8, 8, 3), np.float32)
+    image[0, :2, :2] = 200.0  # a bright corner: evidence for class 0, against class 1
+    image[0, 6:, 6:] = 100.0
+    model = evidence_model()
+    heat = report.gradcam(model, image, np.array([0]))[0]
+    np.testing.assert_allclose(heat[:2, :2], 1.0, atol=1e-5)
+    np.testing.assert_allclose(heat[6:, 6:], 0.5, atol=1e-5)
+    np.testing.assert_allclose(heat[3:5, 3:5], 0.0, atol=1e-5)
+    assert not report.gradcam(model, image, np.array([1])).any(), "only positive evidence is kept"
+
+
+def test_gradcam_on_mobilenet_has_the_input_size_and_unit_range(tmp_path):
+    import keras
+
+    train.build_model(32, train.TrainParams(**TINY_TRAIN)).save(tmp_path / "model.keras")
+    model = keras.saving.load_model(tmp_path / "model.keras")  # as the stage gets it
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    heat = report.gradcam(model, images, np.array([0, 4, 6]))
+    assert heat.shape == (3, 32, 32)
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert all(np.isclose(h.max(), 1.0) or not h.any() for h in heat), "each map is scaled to its own peak"
+
+
+def hand_made_predictions() -> pd.DataFrame:
+    """Per class: 3 right and 2 wrong (called nv, or mel for nv), ids sorted by class."""
+    rows = []
+    for dx in CLASSES:
+        wrong_as = "mel" if dx == "nv" else "nv"
+        for k, predicted in enumerate([dx] * 3 + [wrong_as] * 2):
+            rows.append((f"ISIC_{dx}_{k}", dx, predicted, 0.5 + 0.1 * k))
+    return pd.DataFrame(rows, columns=list(report.PREDICTION_COLUMNS))
+
+
+def test_gradcam_sample_takes_up_to_n_right_and_n_wrong_per_class_reproducibly():
+    predictions = hand_made_predictions()
+    sample = report.gradcam_sample(predictions, per_class=2, seed=1)
+    assert len(sample) == len(CLASSES) * 4
+    for dx in CLASSES:
+        of_class = sample[sample["actual"] == dx]
+        assert (of_class["predicted"] == dx).sum() == 2 and (of_class["predicted"] != dx).sum() == 2
+    assert report.gradcam_sample(predictions.sample(frac=1, random_state=0), 2, 1).equals(sample)
+    assert len(report.gradcam_sample(predictions, per_class=9, seed=1)) == len(predictions)
+    changed = predictions.assign(predicted=np.where(predictions["actual"] == "akiec", "bcc", predictions["predicted"]))
+    others = report.gradcam_sample(changed, 2, 1)
+    assert others[others["actual"] != "akiec"].reset_index(drop=True).equals(
+        sample[sample["actual"] != "akiec"].reset_index(drop=True)), "one class's change leaves the others alone"
+    assert report.gradcam_file_name("mel", "mel", "ISIC_1") == "mel_correct_ISIC_1.png"
+    assert report.gradcam_file_name("mel", "nv", "ISIC_1") == "mel_wrong_as_nv_ISIC_1.png"
+
+
+def test_a_perfectly_calibrated_model_has_zero_calibration_error():
+    confidence = np.array([0.95] * 20 + [0.65] * 20)
+    correct = np.array([True] * 19 + [False] + [True] * 13 + [False] * 7)
+    table = report.calibration_table(confidence, correct, bins=10)
+    assert table["bin"].tolist() == ["0.60-0.70", "0.90-1.00"]
+    assert report.expected_calibration_error(table) == pytest.approx(0.0)
+
+
+def test_calibration_bins_and_error_by_hand():
+    confidence = np.array([0.3, 0.35, 0.5, 0.9, 1.0])
+    correct = np.array([True, False, True, False, True])
+    table = report.calibration_table(confidence, correct, bins=5)
+    # bins of 0.2: 0.3 and 0.35 -> [0.2, 0.4); 0.5 -> [0.4, 0.6); 0.9 and 1.0 -> [0.8, 1.0]
+    assert table["bin"].tolist() == ["0.20-0.40", "0.40-0.60", "0.80-1.00"]
+    assert table["count"].tolist() == [2, 1, 2]
+    np.testing.assert_allclose(table["confidence"], [0.325, 0.5, 0.95])
+    np.testing.assert_allclose(table["accuracy"], [0.5, 1.0, 0.5])
+    # ECE = 2/5 |0.5 - 0.325| + 1/5 |1 - 0.5| + 2/5 |0.5 - 0.95|
+    assert report.expected_calibration_error(table) == pytest.approx(0.4 * 0.175 + 0.2 * 0.5 + 0.4 * 0.45)
+    assert report.calibration_table(np.array([0.3]), np.array([True]), 10)["bin"].tolist() == ["0.30-0.40"]
+
+
+def test_subgroups_by_age_band_sex_and_site_flag_small_groups():
+    table = pd.DataFrame({
+        "actual":       ["mel", "mel", "nv", "nv", "nv", "bcc", "mel", "nv"],
+        "predicted":    ["mel", "nv",  "nv", "nv", "mel", "bcc", "mel", "nv"],
+        "age":          [25.0, 29.0, 30.0, 59.0, 60.0, 85.0, np.nan, 45.0],
+        "sex":          ["male", "male", "female", "male", "female", "male", None, "female"],
+        "localization": ["back"] * 5 + ["face", "back", "face"],
+    })
+    groups = report.subgroup_metrics(table, age_edges=[30, 60], min_size=3)
+    assert list(groups["age"]) == ["<30", "30-59", "60+", "unknown"]
+    assert groups["age"]["<30"] == {"n": 2, "balanced_accuracy": 0.5, "accuracy": 0.5, "melanomas": 2,
+                                    "mel_sensitivity": 0.5, "too_few_images": True}
+    assert groups["age"]["30-59"]["n"] == 3 and not groups["age"]["30-59"]["too_few_images"]
+    assert groups["age"]["30-59"]["mel_sensitivity"] is None, "no melanomas: no sensitivity"
+    # 60+: nv wrong, bcc right -> balanced accuracy over the two classes present
+    assert groups["age"]["60+"]["balanced_accuracy"] == 0.5
+    assert groups["age"]["unknown"]["n"] == 1
+    assert list(groups["sex"]) == ["male", "female", "unknown"]  # largest first; missing is unknown
+    assert groups["sex"]["male"]["n"] == 4 and groups["sex"]["male"]["accuracy"] == 0.75
+    assert list(groups["localization"]) == ["back", "face"]
+    assert report.age_band_names([30, 45, 60, 75]) == ["<30", "30-44", "45-59", "60-74", "75+"]
+    assert set(report.subgroup_metrics(table.drop(columns=["sex", "age"]), [30], 3)) == {"localization"}
+
+
+def test_unknown_or_badly_ordered_report_params_are_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml", report={**TINY_REPORT, "age_bands": [60, 30]})
+    with pytest.raises(ParamError, match="age_bands must be strictly increasing"):
+        load_params("report", report.ReportParams, params)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage end to end: tiny shards, an untrained tiny model, hand-made predictions and metrics.
+# --------------------------------------------------------------------------------------------
+def split_table(labels: np.ndarray, ids: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    return pd.DataFrame({
+        "image_id": ids, "lesion_id": [f"HAM_{i}" for i in ids], "lesion_group": [f"HAM_{i}" for i in ids],
+        "dx": [CLASSES[k] for k in labels], "label": labels,
+        "age": rng.choice([np.nan, 20.0, 40.0, 70.0], len(ids)), "sex": rng.choice(["male", "female"], len(ids)),
+        "localization": rng.choice(["back", "face"], len(ids)), "dx_type": rng.choice(["histo", "follow_up"], len(ids)),
+    })
+
+
+def write_stage_inputs(root: Path) -> dict[str, Path]:
+    """Everything the stage reads, as earlier stages would have written it, in `root`."""
+    from stages.common import read_shards
+
+    rng = np.random.default_rng(0)
+    data_dir = make_shards(root / "augmented")
+    split_dir, metrics_dir = root / "split", root / "metrics"
+    (metrics_dir / "plots" / "test").mkdir(parents=True)
+    split_dir.mkdir()
+    for split in ("train", "val", "test"):
+        _, labels, ids = read_shards(data_dir, split)
+        split_table(labels, ids, rng).to_csv(split_dir / f"{split}.csv", index=False)
+        proba = rng.dirichlet(np.ones(len(CLASSES)), len(labels))
+        proba[np.arange(len(labels)) % 2 == 0, :] += np.eye(len(CLASSES))[labels[::2]]  # half right
+        proba /= proba.sum(axis=1, keepdims=True)
+        (metrics_dir / f"{split}.json").write_text(json.dumps(evaluate.classification_metrics(labels, proba)))
+        if split == "test":
+            (metrics_dir / "plots" / "test" / "predictions.csv").write_text(
+                evaluate.predictions_table(ids, labels, proba))
+    (metrics_dir / "data.json").write_text(json.dumps({
+        "images": 84, "lesions": 84, "exact_duplicates": {"found": 1, "removed": 1, "across_lesions": 0},
+        "near_duplicates": {"found": 0, "across_lesions": 0}, "merged_lesion_groups": 0,
+        "excluded": {"no image file": {"rows": 2, "image_ids": ["ISIC_x", "ISIC_y"]}},
+        "age_missing": 3, "sex_unknown": 0}))
+    model_path = root / "model.keras"
+    train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_pw_12"})).save(model_path)
+    params = write_params(root / "params.yaml", train={**TINY_TRAIN, "trainable_from": "conv_pw_12"},
+                          report=TINY_REPORT)
+    return {"params_path": params, "model_path": model_path, "data_dir": data_dir, "split_dir": split_dir,
+            "metrics_dir": metrics_dir}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def report_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """The stage run twice on the same inputs, into two folders."""
+    root = tmp_path_factory.mktemp("report")
+    inputs = write_stage_inputs(root)
+    first, second = root / "first" / "report", root / "second" / "report"
+    report.main(**inputs, report_dir=first)
+    report.main(**inputs, report_dir=second)
+    return first, second
+
+
+def test_stage_writes_every_file_and_two_runs_are_byte_identical(report_runs):
+    first, second = report_runs
+    files = folder_bytes(first)
+    assert {"calibration.csv", "summary.json", "model_card.md"} <= set(files)
+    panels = [name for name in files if name.startswith("gradcam/")]
+    assert panels and all(name.endswith(".png") for name in panels)
+    assert {name.split("/")[1].split("_")[0] for name in panels} <= set(CLASSES)
+    assert files == folder_bytes(second), "same inputs, same bytes"
+
+
+def test_gradcam_panels_are_images_of_the_image_beside_its_overlay(report_runs):
+    from PIL import Image
+
+    panel = next((report_runs[0] / "gradcam").glob("*.png"))
+    with Image.open(panel) as image:
+        assert image.size == (2 * report.PANEL_PX, report.PANEL_PX + report.CAPTION_PX)
+
+
+def test_summary_has_calibration_error_and_subgroups(report_runs):
+    summary = json.loads((report_runs[0] / "summary.json").read_text())
+    assert 0.0 <= summary["ece"] <= 1.0 and summary["images"] == 4 * len(CLASSES)
+    assert set(summary["subgroups"]) == {"sex", "age", "localization"}
+    assert sum(g["n"] for g in summary["subgroups"]["age"].values()) == summary["images"]
+    calibration = pd.read_csv(report_runs[0] / "calibration.csv")
+    assert list(calibration.columns) == ["bin", "confidence", "accuracy", "count"]
+    assert calibration["count"].sum() == summary["images"]
+
+
+def test_model_card_has_the_required_sections_and_class_names(report_runs):
+    card = (report_runs[0] / "model_card.md").read_text()
+    for heading in ("## Model", "## Data", "## Metrics", "## Confusion matrix (test)", "## Calibration (test)",
+                    "## Subgroups (test)", "## Grad-CAM (test)", "## Intended use", "## Limitations",
+                    "## How to reproduce"):
+        assert f"\n{heading}\n" in card
+    for dx in CLASSES:
+        assert f"{dx} ({CLASS_NAMES[dx]})" in card
+    metrics_table = card.split("## Metrics")[1]
+    assert metrics_table.index("balanced accuracy") < metrics_table.index("| accuracy")
+    assert "alpha = 0.25" in card and "every layer before `conv_pw_12`" in card and "BatchNormalization" not in card
+    assert "Not a medical device" in card and "dvc repro" in card
+    assert "| true \\ predicted | akiec | bcc | bkl | df | mel | nv | vasc |" in card
+    assert "no image file: 2" in card and "mirror" in card
