@@ -1,0 +1,164 @@
+"""Command predict: top-3 ranking, the same preprocessing as training, any image mode, per-file
+errors, table and JSON output, exit codes, the missing-model message and the medical notice."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import predict
+from stages.common import CLASS_NAMES, CLASSES, load_image, read_shards
+from tests.conftest import make_shards
+from tests.fixtures import image_pixels, jpeg_bytes
+from tests.tiny_model import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_and_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    images, _, _ = read_shards(make_shards(folder / "augmented"), "train")
+    model = tiny_model(images)
+    model.save(folder / "model.keras")
+    return model, folder / "model.keras"
+
+
+def oversized_png(side: int = 8000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels, over common.MAX_IMAGE_PIXELS."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC over type + data
+    return bytes(data)
+
+
+@pytest.fixture
+def good_images(tmp_path) -> list[Path]:
+    """JPEG and PNG in the modes people send: RGB, greyscale, RGBA, CMYK, palette; odd sizes."""
+    rgb = image_pixels("lesion", (120, 90))
+    files = {
+        "rgb.jpg": lambda p: p.write_bytes(jpeg_bytes(rgb)),
+        "rgb.png": lambda p: rgb.save(p),
+        "grey.png": lambda p: rgb.convert("L").save(p),
+        "rgba.png": lambda p: rgb.convert("RGBA").save(p),
+        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+        "palette.png": lambda p: image_pixels("other", (33, 700)).convert("P").save(p),
+    }
+    paths = []
+    for name, write in files.items():
+        write(tmp_path / name)
+        paths.append(tmp_path / name)
+    return paths
+
+
+@pytest.fixture
+def bad_images(tmp_path) -> dict[str, Path]:
+    """Each kind of bad file, and the words its error must contain."""
+    whole = jpeg_bytes(image_pixels("cut", (120, 90)))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "notes.png").write_text("not an image at all")
+    (tmp_path / "huge.png").write_bytes(oversized_png())
+    return {"No such file": tmp_path / "missing.jpg", "empty": tmp_path / "empty.jpg",
+            "truncated": tmp_path / "truncated.jpg", "not an image": tmp_path / "notes.png",
+            "over the limit": tmp_path / "huge.png"}
+
+
+def test_top_k_ranks_most_probable_first_with_class_names():
+    proba = np.array([0.05, 0.02, 0.10, 0.01, 0.61234567, 0.11, 0.10])
+    top = predict.top_k(proba, 3)
+    assert top == [{"dx": "mel", "name": "melanoma", "probability": 0.6123},
+                   {"dx": "nv", "name": "melanocytic nevi", "probability": 0.11},
+                   {"dx": "bkl", "name": "benign keratosis", "probability": 0.1}]  # tie with vasc: class order
+    assert [c["dx"] for c in predict.top_k(proba, 7)] == ["mel", "nv", "bkl", "vasc", "akiec", "bcc", "df"]
+
+
+def test_predictions_are_the_models_on_load_image_in_batches(model_and_path, good_images):
+    model, _ = model_and_path
+    paths = [str(p) for p in good_images]
+    results = predict.predict_files(model, paths, batch_size=4)  # two batches, the last one short
+    assert [r["image"] for r in results] == paths
+    pixels = np.stack([load_image(Path(p), 32) for p in paths]).astype(np.float32)
+    for result, expected in zip(results, model.predict(pixels, verbose=0)):
+        want = predict.top_k(expected, 3)
+        assert [c["dx"] for c in result["top"]] == [c["dx"] for c in want]
+        probabilities = [c["probability"] for c in result["top"]]
+        assert probabilities == pytest.approx([c["probability"] for c in want], abs=2e-4)  # other batch
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert all(CLASS_NAMES[c["dx"]] == c["name"] for c in result["top"])
+    assert len({r["top"][0]["probability"] for r in results}) > 1, "the tiny model should tell images apart"
+
+
+def test_each_bad_file_gets_its_own_error_and_the_rest_still_run(model_and_path, good_images, bad_images):
+    model, _ = model_and_path
+    paths = [str(good_images[0]), *map(str, bad_images.values()), str(good_images[1])]
+    results = predict.predict_files(model, paths, batch_size=3)
+    assert [r["image"] for r in results] == paths
+    assert "top" in results[0] and "top" in results[-1]
+    for words, result in zip(bad_images, results[1:-1]):
+        assert set(result) == {"image", "error"}
+        assert words in result["error"], result["error"]
+
+
+def test_json_is_one_list_on_stdout_and_the_notice_goes_to_stderr(model_and_path, good_images, bad_images, capsys):
+    _, model_path = model_and_path
+    status = predict.main(["--json", "--model", str(model_path), str(good_images[0]), str(bad_images["empty"])])
+    out, err = capsys.readouterr()
+    results = json.loads(out)
+    assert status == 1
+    assert [r["image"] for r in results] == [str(good_images[0]), str(bad_images["empty"])]
+    assert [c["dx"] in CLASSES for c in results[0]["top"]] == [True] * 3
+    assert results[1]["error"] == "empty file (0 bytes)"
+    assert predict.NOTICE in err and "not a medical device" in predict.NOTICE
+
+
+def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_path, good_images, bad_images, capsys):
+    _, model_path = model_and_path
+    status = predict.main(["--model", str(model_path), str(good_images[2]), str(bad_images["not an image"])])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert status == 1
+    assert lines[0].split() == ["image", "#", "dx", "name", "probability"]
+    assert lines[1].startswith(str(good_images[2])) and lines[1].endswith("%")
+    assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
+    assert lines[4].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[4]
+    assert "2 image(s), 1 failed." in out and out.rstrip().endswith(predict.NOTICE)
+
+
+def test_missing_model_is_a_usage_error_that_says_how_to_get_it(tmp_path, good_images, capsys):
+    status = predict.main(["--model", str(tmp_path / "nope.keras"), str(good_images[0])])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert str(tmp_path / "nope.keras") in err and "dvc repro" in err and "dvc pull" in err
+
+
+def test_usage_errors_exit_2_and_help_carries_the_notice(capsys):
+    with pytest.raises(SystemExit) as no_images:
+        predict.main([])
+    assert no_images.value.code == 2
+    with pytest.raises(SystemExit) as help_:
+        predict.main(["--help"])
+    assert help_.value.code == 0
+    assert "not a medical device" in " ".join(capsys.readouterr().out.split())
+
+
+def test_command_line_keeps_stdout_valid_json(model_and_path, good_images, bad_images):
+    """The real process: TensorFlow's start-up messages must not reach stdout."""
+    _, model_path = model_and_path
+    done = subprocess.run([sys.executable, "-m", "stages.predict", "--json", "--model", str(model_path),
+                           str(good_images[3]), str(bad_images["truncated"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    results = json.loads(done.stdout)
+    assert "top" in results[0] and "truncated" in results[1]["error"]
+    assert "not a medical device" in done.stderr
