@@ -110,3 +110,11 @@ def write_params(path: Path, **sections: Mapping) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
+
+
+def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
+    """A decompression bomb: the JPEG's frame header (SOF0) claims width x height pixels."""
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))

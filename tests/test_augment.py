@@ -15,6 +15,7 @@ from PIL import Image
 from stages import augment
 from stages.augment import AugmentParams, Transform
 from stages.common import LABELS, ParamError, StageError, load_image, read_index, read_shards
+from tests.fixtures import declare_size
 
 PARAMS = {
     "seed": 7,
@@ -267,14 +268,6 @@ def test_greyscale_and_cmyk_jpegs_become_rgb_on_the_one_loading_path(project):
     images, _, ids = read_shards(project.run(), "train")  # and the stage takes them as they are
     for image_id, expected in ((grey_id, grey), (cmyk_id, cmyk)):
         np.testing.assert_array_equal(images[ids.tolist().index(image_id)], expected)
-
-
-def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
-    """A decompression bomb: the JPEG's frame header (SOF0) claims width x height pixels."""
-    data = bytearray(path.read_bytes())
-    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
-    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage, why", [

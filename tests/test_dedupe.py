@@ -13,7 +13,8 @@ from PIL import Image
 
 from stages import dedupe
 from stages.common import CLASSES, ParamError, StageError
-from tests.fixtures import METADATA_FILE, image_pixels, jpeg_bytes, make_metadata, write_params, write_raw
+from tests.fixtures import (METADATA_FILE, declare_size, image_pixels, jpeg_bytes, make_metadata, write_params,
+                            write_raw)
 
 
 @pytest.fixture
@@ -245,14 +246,6 @@ def test_row_without_file_and_file_without_row_are_excluded(tmp_path, table):
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
-    """A decompression bomb: the JPEG's frame header (SOF0) claims width x height pixels."""
-    data = bytearray(path.read_bytes())
-    frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
-    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage, expected", [
