@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -247,6 +249,30 @@ def validation_callback(val_images: np.ndarray, val_labels: np.ndarray, batch_si
     return SelectOnValidation()
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c(model):
+    """Turn Ctrl-C during fit into a stop at the end of the current batch.
+
+    A KeyboardInterrupt raised while TensorFlow's kernels run can abort the process
+    ("munmap_chunk(): invalid pointer"); a flag that Keras checks between batches cannot.
+    A second Ctrl-C interrupts at once.
+    """
+    stopped = threading.Event()
+
+    def on_ctrl_c(signum, frame):
+        if stopped.is_set():
+            raise KeyboardInterrupt
+        stopped.set()
+        model.stop_training = True
+        log.warning("Ctrl-C: stopping after this batch; the model will not be saved (again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def save_model(model, path: Path) -> None:
     """Save atomically: an interrupted save never leaves a half-written model at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +310,7 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
     reduce_lr = keras.callbacks.ReduceLROnPlateau(
         monitor="val_balanced_accuracy", mode="max", factor=params.reduce_lr_factor,
         patience=params.reduce_lr_patience, min_lr=params.min_learning_rate, verbose=1)
-    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live, stop_on_ctrl_c(model) as stopped:
         model.fit(
             training_dataset(train_images, train_labels, params.batch_size, params.seed),
             epochs=params.epochs,
@@ -295,6 +321,8 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
         )
         summary = {"best_epoch": selector.best_epoch + 1, "best_val_balanced_accuracy": selector.best_score}
         live.summary.update(summary)
+    if stopped.is_set():
+        raise KeyboardInterrupt  # after fit, outside TensorFlow; the model is not saved
     save_model(model, model_path)
     log.info("saved %s (epoch %d of %d, val balanced accuracy %.4f)", model_path,
              summary["best_epoch"], params.epochs, summary["best_val_balanced_accuracy"])
