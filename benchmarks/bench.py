@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -48,12 +48,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages import train  # noqa: E402
-from stages.common import load_image, load_params, read_index, read_shards, read_table  # noqa: E402
+from stages.cpus import usable_cpus  # noqa: E402
 from stages.evaluate import EvaluateParams  # noqa: E402
+from stages.files import read_table  # noqa: E402
+from stages.images import load_image  # noqa: E402
+from stages.params import load_params  # noqa: E402
+from stages.shards import read_index, read_shards  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"
-MIRROR = Path("/work/shared/ham10000-mirror")
+MIRROR_ENV = "HAM10000_MIRROR"  # as stage download reads it; here a base URL or a folder to serve
+MIRROR_BESIDE_REPO = ROOT.parent / "shared" / "ham10000-mirror"  # the usual place, if it is there
 OFFICIAL_SIZE = (600, 450)  # HAM10000's own images; the mirror holds them at 200x150
 GOALS = {"pipeline_efficiency": 0.95, "data_stages_s": 60.0, "noop_repro_s": 3.0}
 
@@ -70,11 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="images for batch prediction, timed 3 times (default %(default)s)")
     parser.add_argument("--latency-runs", type=int, default=20,
                         help="timed single-image predictions (median reported) (default %(default)s)")
-    parser.add_argument("--mirror", type=Path, default=MIRROR,
-                        help="folder served as HAM10000_MIRROR (default %(default)s)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results.json",
-                        help="JSON file written with the figures (default %(default)s)")
-    return parser.parse_args(argv)
+    parser.add_argument("--mirror", default=os.environ.get(MIRROR_ENV) or None,
+                        help=f"the HAM10000 mirror: a folder (served on loopback) or an http(s) base URL "
+                             f"(default: ${MIRROR_ENV}, else ../shared/ham10000-mirror beside the repository)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks") / "results.json",
+                        help="JSON file written with the figures, relative to the repository (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.mirror is None:
+        if not MIRROR_BESIDE_REPO.is_dir():
+            parser.error(f"no mirror: pass --mirror or set {MIRROR_ENV} "
+                         f"(nothing at ../shared/ham10000-mirror beside the repository)")
+        args.mirror = str(MIRROR_BESIDE_REPO)
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,14 +105,14 @@ def machine_info() -> dict:
     dvc_version = subprocess.run([str(DVC), "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "cpu": model,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cpus(),
         "ram_gib": round(mem_kb / 2**20, 1),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "dvc": dvc_version,
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
     }
 
 
@@ -151,17 +163,21 @@ def timed_repro(repo: Path, env: dict, target: str) -> tuple[float, dict[str, fl
     return ended - started, {name: end - start for (name, start), end in zip(marks, ends)}
 
 
-def bench_data_stages(repo: Path, mirror: Path) -> dict:
-    """Download, dedupe, split and augment from scratch on the mirror, then a no-op repro."""
-    server = serve(mirror)
+def bench_data_stages(repo: Path, mirror: str) -> dict:
+    """Download, dedupe, split and augment from scratch on the mirror, then a no-op repro.
+
+    `mirror` is a base URL used as it is, or a folder served on loopback.
+    """
+    server = None if mirror.startswith(("http://", "https://")) else serve(Path(mirror))
+    url = mirror if server is None else f"http://127.0.0.1:{server.server_address[1]}/"
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-           "HAM10000_MIRROR": f"http://127.0.0.1:{server.server_address[1]}/",
-           "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
+           MIRROR_ENV: url, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
     try:
         total, stages = timed_repro(repo, env, "augment")
         noop, ran = timed_repro(repo, env, "augment")
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
     if ran:
         raise RuntimeError(f"the second `dvc repro augment` re-ran {sorted(ran)}: not a no-op")
     return {"stages_s": stages, "total_s": total, "noop_repro_s": noop}
@@ -335,7 +351,7 @@ def bench_inference(repo: Path, args: argparse.Namespace) -> dict:
         "predict": lambda x: model.predict(x, verbose=0),
         "eager_call": lambda x: model(x, training=False).numpy(),
     }
-    one_image = {name: median_ms(lambda: call(load_image(path, image_size)[None].astype(np.float32)),
+    one_image = {name: median_ms(lambda call=call: call(load_image(path, image_size)[None].astype(np.float32)),
                                  args.latency_runs)
                  for name, call in calls.items()}
     return {
@@ -432,12 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = table_rows(pipe, stages, infer)
     print(machine_line(machine, pipe))
     print(markdown_table(rows))
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("mirror", "output")}  # no machine paths
     report = {"machine": machine, "settings": settings, "input_pipeline": pipe,
               "data_stages": stages, "inference": infer, "goals": GOALS, "table": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    output = ROOT / args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Augment: decode and resize every image once into shards; oversample train's minority classes.
 
 Reads data/split/{train,val,test}.csv and data/raw/images/{image_id}.jpg and writes data/augmented/
-(the shard contract is common.write_shards / read_shards / read_index):
+(the shard contract is stages/shards.py):
 
 - val and test: each image resized to `image_size`, in the CSV's order, never augmented;
 - train: each real image resized, plus synthetic copies of the minority classes, shuffled once.
@@ -27,33 +27,26 @@ import functools
 import logging
 import math
 import multiprocessing
-import os
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from stages.common import (
-    CLASSES,
-    LABELS,
-    PARAMS_FILE,
-    SPLITS,
-    ImageError,
-    StageError,
-    atomic_dir,
-    atomic_write_json,
-    load_params,
-    open_rgb,
-    read_table,
-    resize_square,
-    run_stage,
-    write_shards,
-)
+from stages.classes import CLASSES, LABELS
+from stages.cli import run_stage
+from stages.cpus import usable_cpus
+from stages.errors import StageError
+from stages.files import atomic_dir, atomic_write_json, read_table
+from stages.images import ImageError, open_rgb, resize_square
+from stages.params import PARAMS_FILE, in_range, load_params
+from stages.progress import track
+from stages.shards import write_shards
+from stages.splits import SPLITS
 
-log = logging.getLogger("augment")
+log = logging.getLogger("stages.augment")
 
 # Independent random streams, all derived from augment.seed (numpy SeedSequence spawn keys).
 _SOURCE_ORDER, _COPY, _TRAIN_ORDER = 0, 1, 2
@@ -75,16 +68,16 @@ class AugmentParams:
     shard_images: int             # images per .npz shard
 
     def __post_init__(self) -> None:
-        _in_range("seed", self.seed, 0, None)
-        _in_range("image_size", self.image_size, 32, 512)  # MobileNet needs at least 32x32
-        _in_range("target_per_class", self.target_per_class, 1, None)
-        _in_range("max_copies_per_image", self.max_copies_per_image, 1, None)
-        _in_range("rotation_degrees", self.rotation_degrees, 0, 180)
-        _in_range("shift_fraction", self.shift_fraction, 0, 0.5)
-        _in_range("zoom_fraction", self.zoom_fraction, 0, 0.5)
-        _in_range("brightness", self.brightness, 0, 0.9)
-        _in_range("contrast", self.contrast, 0, 0.9)
-        _in_range("shard_images", self.shard_images, 1, None)
+        in_range("seed", self.seed, 0)
+        in_range("image_size", self.image_size, 32, 512)  # MobileNet needs at least 32x32
+        in_range("target_per_class", self.target_per_class, 1)
+        in_range("max_copies_per_image", self.max_copies_per_image, 1)
+        in_range("rotation_degrees", self.rotation_degrees, 0, 180)
+        in_range("shift_fraction", self.shift_fraction, 0, 0.5)
+        in_range("zoom_fraction", self.zoom_fraction, 0, 0.5)
+        in_range("brightness", self.brightness, 0, 0.9)
+        in_range("contrast", self.contrast, 0, 0.9)
+        in_range("shard_images", self.shard_images, 1)
         ranges = (self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
                   self.contrast)
         if self.max_copies_per_image > 1 and not any(ranges):
@@ -92,13 +85,6 @@ class AugmentParams:
                              "contrast are all 0, so a quarter of the synthetic copies would "
                              "repeat their source exactly; set one above 0, or "
                              "max_copies_per_image: 1 to turn oversampling off")
-
-
-def _in_range(key: str, value: float, low: float, high: float | None) -> None:
-    """Raise the ValueError that load_params turns into `augment: <key> must be ...`."""
-    if value < low or (high is not None and value > high):
-        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{key} must be {bounds}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +248,7 @@ def adjust_colour(pixels: np.ndarray, brightness: float, contrast: float) -> np.
 def render(job: Job, params: AugmentParams) -> list[np.ndarray]:
     """Decode one image once: the real image resized, then each synthetic copy, in output order.
 
-    The real image goes through open_rgb + resize_square, exactly common.load_image, kept apart
+    The real image goes through open_rgb + resize_square, exactly images.load_image, kept apart
     only so the decoded image also feeds the copies.
     """
     img = open_rgb(job.path)
@@ -298,10 +284,11 @@ def train_order(n: int, seed: int) -> np.ndarray:
 
 
 def render_split(jobs: list[Job], params: AugmentParams, mapper: Mapper,
-                 order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 order: np.ndarray | None, what: str = "augment") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, image_ids) of all the jobs' outputs, permuted by `order` if given.
 
     Each image is written straight to its final row, so the split is held in memory once.
+    Progress (`what`) is a bar in a terminal, one line per tenth in logs (stages/progress.py).
     """
     ids = np.array([i for job in jobs for i in job.output_ids()], dtype=str)
     labels = np.array([job.label for job in jobs for _ in job.output_ids()], dtype=np.int64)
@@ -312,7 +299,7 @@ def render_split(jobs: list[Job], params: AugmentParams, mapper: Mapper,
     outputs = (image for result in mapper(functools.partial(render, params=params), jobs)
                for image in result)
     try:
-        for j, image in enumerate(outputs):
+        for j, image in enumerate(track(outputs, len(ids), what, "images", log)):
             images[row_of[j]] = image
     except ImageError as err:
         raise StageError(f"{err}; dedupe keeps only readable images, so data/split and the "
@@ -365,7 +352,7 @@ def main(split_dir: Path = Path("data/split"), images_dir: Path = Path("data/raw
          workers: int | None = None) -> None:
     started = time.perf_counter()
     params = load_params("augment", AugmentParams, params_path)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cpus()
     plans = {split: plan_jobs(read_split(Path(split_dir) / f"{split}.csv"), images_dir, params,
                               oversample=split == "train")
              for split in SPLITS}
@@ -376,7 +363,7 @@ def main(split_dir: Path = Path("data/split"), images_dir: Path = Path("data/raw
         for split, (jobs, added) in plans.items():
             n = len(jobs) + sum(added.values())
             order = train_order(n, params.seed) if split == "train" else None
-            images, labels, ids = render_split(jobs, params, mapper, order)
+            images, labels, ids = render_split(jobs, params, mapper, order, f"render {split}")
             counts = class_counts(labels)
             if split == "train":
                 log_oversampling({dx: counts[dx] - added[dx] for dx in CLASSES}, added, params)

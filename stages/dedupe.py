@@ -14,14 +14,14 @@ Rules, in the order they apply (a row is listed under the first rule that remove
   rows            empty image_id or lesion_id      -> excluded "missing id"
                   image_id twice, rows identical   -> one kept; the others listed "duplicate row"
                   image_id twice, rows differ      -> all excluded "conflicting rows"
-                  dx not one of common.CLASSES     -> excluded "unknown dx" (the value is listed)
+                  dx not one of classes.CLASSES    -> excluded "unknown dx" (the value is listed)
                   lesion with two diagnoses        -> all its images excluded
                   age empty or not a number        -> kept, age NaN, counted (age_missing)
                   sex not male/female              -> kept, counted (sex_unknown)
   files           row without images/<id>.jpg      -> excluded "no image file"
                   images/*.jpg without a row       -> excluded "no metadata row"
                   file that does not decode        -> excluded "unreadable image" + why (empty,
-                  (common.open_rgb)                   truncated, not an image, decompression bomb)
+                  (images.open_rgb)                   truncated, not an image, decompression bomb)
                   greyscale, CMYK, palette         -> kept (the loader converts), counted
   duplicates      same bytes (sha256)              -> the first by image_id kept, the others
                                                       removed and listed in duplicates.csv (exact)
@@ -53,20 +53,25 @@ import hashlib
 import io
 import logging
 import multiprocessing
-import os
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.common import (CLASSES, LABELS, PARAMS_FILE, ImageError, StageError, atomic_dir,
-                           atomic_write_json, load_params, open_rgb, run_stage, write_table)
+from stages.classes import CLASSES, LABELS
+from stages.cli import run_stage
+from stages.cpus import usable_cpus
+from stages.errors import StageError
+from stages.files import atomic_dir, atomic_write_json, write_table
+from stages.images import MAX_IMAGE_PIXELS, ImageError, open_rgb
+from stages.params import PARAMS_FILE, in_range, load_params
+from stages.progress import track
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("stages.dedupe")
 
 METADATA_FILE = "HAM10000_metadata.csv"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -74,7 +79,9 @@ IMAGE_COLUMNS = ("image_id", "lesion_id", "lesion_group", "dx", "label", "dx_typ
                  "localization")
 EXCLUDED_COLUMNS = ("image_id", "lesion_id", "reason")
 DUPLICATE_COLUMNS = ("image_id", "duplicate_of", "kind", "evidence")
-THUMB_SIZE = 64      # side of the greyscale thumbnail used for the pixel proof
+THUMB_SIZE = 64      # side of the thumbnails: greyscale for pHash, colour for the proof
+FLAT_CHANNEL = 1.0   # a thumbnail channel whose spread (0-255) is below this proves nothing
+PROOF_MEASURE = "colour-fit residual"  # named in duplicates.csv's evidence
 HASH_SIZE = 32       # pHash: DCT of a 32x32 greyscale image ...
 HASH_FREQUENCIES = 8  # ... keeping its 8x8 lowest frequencies = 64 bits
 EXAMPLES = 10        # ids listed per exclusion rule in report.json
@@ -84,8 +91,11 @@ EXAMPLES = 10        # ids listed per exclusion rule in report.json
 class DedupeParams:
     near_duplicates: bool
     phash_max_distance: int
-    max_mean_abs_difference: float
-    max_image_pixels: int
+    max_colour_fit_residual: float
+
+    def __post_init__(self) -> None:
+        in_range("phash_max_distance", self.phash_max_distance, 0, HASH_FREQUENCIES ** 2)  # bits in a hash
+        in_range("max_colour_fit_residual", self.max_colour_fit_residual, 0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +198,8 @@ def match_files(meta: pd.DataFrame, rows: pd.DataFrame,
 class ImageScan:
     sha256: str
     converted: bool     # not RGB in the file (greyscale, CMYK, ...): converted by the loader
-    thumb: np.ndarray   # THUMB_SIZE x THUMB_SIZE greyscale uint8: pHash and pixel proof
+    thumb: np.ndarray   # THUMB_SIZE x THUMB_SIZE greyscale uint8: pHash
+    colour: np.ndarray  # THUMB_SIZE x THUMB_SIZE x 3 RGB uint8: the pixel proof
 
 
 def scan_image(path: Path, max_pixels: int) -> ImageScan | str:
@@ -201,20 +212,27 @@ def scan_image(path: Path, max_pixels: int) -> ImageScan | str:
     with Image.open(io.BytesIO(data)) as original:
         converted = original.mode != "RGB"
     thumb = img.convert("L").resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
-    return ImageScan(hashlib.sha256(data).hexdigest(), converted, np.asarray(thumb, dtype=np.uint8))
+    colour = img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+    return ImageScan(hashlib.sha256(data).hexdigest(), converted, np.asarray(thumb, dtype=np.uint8),
+                     np.asarray(colour, dtype=np.uint8))
 
 
 def scan_images(paths: list[Path], max_pixels: int, workers: int) -> list[ImageScan | str]:
-    """scan_image for every path, in `workers` processes (decoding is CPU-bound)."""
+    """scan_image for every path, in `workers` processes (decoding is CPU-bound), in order.
+
+    Progress is a bar in a terminal, one line per tenth in logs (stages/progress.py).
+    """
     jobs = [(path, max_pixels) for path in paths]
+    what = "decode and hash"
     if workers <= 1:
-        return [scan_image(*job) for job in jobs]
+        return [scan_image(*job) for job in track(jobs, len(jobs), what, "images", log)]
     with multiprocessing.Pool(workers) as pool:
-        return pool.starmap(scan_image, jobs, chunksize=64)
+        return list(track(pool.imap(_scan_job, jobs, chunksize=64), len(jobs), what, "images", log))
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _scan_job(job: tuple[Path, int]) -> ImageScan | str:
+    return scan_image(*job)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +256,7 @@ SYMMETRY_NAMES = ("", "flipping left-right", "flipping top-bottom", "rotating 18
 
 
 def transform_pixels(images: np.ndarray, symmetry: int) -> np.ndarray:
-    """Flip/rotate a stack of square images (n, h, w) by one of SYMMETRIES."""
+    """Flip/rotate a stack of square images (n, h, w) or (n, h, w, channels) by one of SYMMETRIES."""
     transpose, flip_rows, flip_columns = SYMMETRIES[symmetry]
     if transpose:
         images = np.swapaxes(images, 1, 2)
@@ -292,16 +310,35 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> 
                          "distance": distance[symmetry, pair]})
 
 
-def mean_abs_differences(thumbs: np.ndarray, pairs: pd.DataFrame, chunk: int = 4096) -> np.ndarray:
-    """Mean |thumb i - transformed thumb j| per candidate pair: the proof that pHash cannot give."""
+def standardised(colours: np.ndarray) -> np.ndarray:
+    """Colour thumbnails (n, h, w, 3) uint8 -> float32 with zero mean and unit spread per image and
+    channel; a channel flatter than FLAT_CHANNEL is only centred (it then correlates with nothing)."""
+    x = colours.astype(np.float32)
+    x -= x.mean(axis=(1, 2), keepdims=True)
+    x /= np.maximum(x.std(axis=(1, 2), keepdims=True), FLAT_CHANNEL)
+    return x
+
+
+def colour_fit_residuals(colours: np.ndarray, pairs: pd.DataFrame, chunk: int = 1024) -> np.ndarray:
+    """The proof that pHash cannot give, per candidate pair (i, j, symmetry): how much of colour
+    thumbnail i the best per-channel linear colour change (gain > 0, offset) of thumbnail j,
+    flipped/rotated by `symmetry`, leaves unexplained.
+
+    Per channel, the least-squares fit i ~ gain * j + offset leaves a residual whose RMS, as a
+    fraction of channel i's spread, is sqrt(1 - r^2) (r: the channel's Pearson correlation; r <= 0,
+    a negative or unrelated image, counts as 1). The result is the mean over R, G, B: 0 for the
+    same picture under any brightness, contrast or white-balance change, about 0.7 for unrelated
+    dermoscopic images. The measure is symmetric in i and j.
+    """
     i, j, symmetries = (pairs[column].to_numpy() for column in ("i", "j", "symmetry"))
     result = np.empty(len(pairs))
     for symmetry in np.unique(symmetries):
         where = np.flatnonzero(symmetries == symmetry)
         for part in np.split(where, range(chunk, len(where), chunk)):
-            a = thumbs[i[part]].astype(np.int16)
-            b = transform_pixels(thumbs[j[part]], symmetry).astype(np.int16)
-            result[part] = np.abs(a - b).mean(axis=(1, 2))
+            a = standardised(colours[i[part]])
+            b = standardised(transform_pixels(colours[j[part]], symmetry))
+            r = np.clip((a * b).mean(axis=(1, 2), dtype=np.float64), 0.0, 1.0)  # (pairs, channels)
+            result[part] = np.sqrt(1.0 - r ** 2).mean(axis=1)
     return result
 
 
@@ -336,18 +373,21 @@ def exact_duplicates(images: pd.DataFrame) -> Duplicates:
                       pd.concat(conflicts, ignore_index=True), removed, links)
 
 
-def near_duplicates(images: pd.DataFrame, thumbs: np.ndarray, params: DedupeParams) -> Duplicates:
-    """Pairs that pHash proposes and the pixels prove; both images stay (different dx: both go)."""
+def near_duplicates(images: pd.DataFrame, thumbs: np.ndarray, colours: np.ndarray,
+                    params: DedupeParams) -> Duplicates:
+    """Pairs that pHash proposes (greyscale `thumbs`) and the pixels prove (`colours`, see
+    colour_fit_residuals); both images stay (different dx: both go)."""
     pairs = candidate_pairs(phashes(thumbs), params.phash_max_distance)
-    pairs["difference"] = mean_abs_differences(thumbs, pairs)
-    pairs = pairs.sort_values(["difference", "distance", "symmetry"]).drop_duplicates(["i", "j"])
-    proven = pairs[pairs["difference"] <= params.max_mean_abs_difference].sort_values(["i", "j"])
+    pairs["residual"] = colour_fit_residuals(colours, pairs)
+    pairs = pairs.sort_values(["residual", "distance", "symmetry"]).drop_duplicates(["i", "j"])
+    proven = pairs[pairs["residual"] <= params.max_colour_fit_residual].sort_values(["i", "j"])
     log.info("near duplicates: %d candidate pairs (pHash), %d proven (pixels)", len(pairs), len(proven))
     rows, conflicts, links = [], [no_exclusions()], []
     for pair in proven.itertuples():
         first, second = images.iloc[pair.i], images.iloc[pair.j]
         how = f", after {SYMMETRY_NAMES[pair.symmetry]}" if pair.symmetry else ""
-        evidence = f"phash distance {pair.distance}, mean abs diff {pair.difference:.2f}{how}"
+        evidence = (f"{PROOF_MEASURE} {pair.residual:.3f} <= {params.max_colour_fit_residual:.3f}, "
+                    f"phash distance {pair.distance}{how}")
         if first["dx"] != second["dx"]:
             listing = f"{first['image_id']} ({first['dx']}), {second['image_id']} ({second['dx']})"
             conflicts.append(exclusions(images.iloc[[pair.i, pair.j]], "same image, different dx",
@@ -412,7 +452,8 @@ def clean(rows: pd.DataFrame, excluded: pd.DataFrame, scans: dict[str, ImageScan
     near = Duplicates(0, pd.DataFrame(columns=list(DUPLICATE_COLUMNS)), no_exclusions(), set(), [])
     if params.near_duplicates and len(images) > 1:
         thumbs = np.stack([scans[image_id].thumb for image_id in images["image_id"]])
-        near = near_duplicates(images, thumbs, params)
+        colours = np.stack([scans[image_id].colour for image_id in images["image_id"]])
+        near = near_duplicates(images, thumbs, colours, params)
         images = images[~images["image_id"].isin(near.excluded["image_id"])].reset_index(drop=True)
     excluded = pd.concat([*excluded, exact.excluded, near.excluded], ignore_index=True)
     check_outcome(images, excluded)
@@ -464,15 +505,16 @@ def make_report(images: pd.DataFrame, excluded: pd.DataFrame, exact: Duplicates,
 # --------------------------------------------------------------------------------------------
 # I/O.
 # --------------------------------------------------------------------------------------------
-def main(raw: Path = Path("data/raw"), out: Path = Path("data/clean"), params_file: Path = PARAMS_FILE,
+def main(raw_dir: Path = Path("data/raw"), out_dir: Path = Path("data/clean"), params_path: Path = PARAMS_FILE,
          workers: int | None = None) -> None:
-    params = load_params("dedupe", DedupeParams, params_file)
+    params = load_params("dedupe", DedupeParams, params_path)
+    raw, out = Path(raw_dir), Path(out_dir)
     started = time.perf_counter()
     meta = read_metadata(Path(raw) / METADATA_FILE)
     files = list_images(Path(raw) / "images")
     rows, excluded = usable_rows(meta, files)
-    scans = scan_images([files[image_id] for image_id in rows["image_id"]], params.max_image_pixels,
-                        workers or available_cores())
+    scans = scan_images([files[image_id] for image_id in rows["image_id"]], MAX_IMAGE_PIXELS,
+                        workers or usable_cpus())
     log.info("decoded %d images in %.1f s", len(rows), time.perf_counter() - started)
     result = clean(rows, excluded, dict(zip(rows["image_id"], scans)), params)
     with atomic_dir(Path(out)) as tmp:

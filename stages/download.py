@@ -8,7 +8,8 @@ Sources, in order of precedence:
 
 Downloads land in a persistent cache (data/downloads/, not a DVC output), so a re-run or a
 dropped connection never fetches a verified byte twice. The output data/raw/ holds
-`images/ISIC_XXXXXXX.jpg` (flat, from every archive) and the metadata CSV, published in one
+`images/ISIC_XXXXXXX.jpg` (flat, from every archive), the metadata CSV and `source.json` (which
+source: official / mirror / local; its URL, DOI or folder; each file's sha256), published in one
 rename. Archives are treated as hostile until checked: nothing is written before every entry
 passed the checks below.
 """
@@ -30,19 +31,23 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import sleep
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
 from tqdm import tqdm
 
-from stages.common import StageError, atomic_dir, load_params, run_stage
+from stages.cli import run_stage
+from stages.errors import StageError
+from stages.files import atomic_dir, atomic_write_json
+from stages.params import PARAMS_FILE, in_range, load_params
 
-log = logging.getLogger("download")
-
+log = logging.getLogger("stages.download")
 RAW_DIR = Path("data/raw")
 CACHE_DIR = Path("data/downloads")
+SOURCE_FILE = "source.json"  # in data/raw: where the files came from, and their sha256
 MIRROR_ENV = "HAM10000_MIRROR"
 SUMS_FILE = "SHA256SUMS"
 USER_AGENT = "ham10000-pipeline/1.0 (+python-urllib; stages/download.py)"
@@ -94,11 +99,9 @@ class DownloadParams:
                 raise ValueError(f"sha256.{name} pins a file that is not in files")
             if not SHA256_HEX.match(digest):
                 raise ValueError(f"sha256.{name} must be 64 lowercase hex digits, got {digest!r}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        in_range("retries", self.retries, 0)
         for key in ("timeout_s", "max_entry_bytes", "max_total_bytes", "max_compression_ratio"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+            in_range(key, getattr(self, key), 0, lo_open=True)
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -460,6 +463,22 @@ def gather(params: DownloadParams, mirror: str | None, cache: Path) -> list[Path
     return [fetch_cached(pinned(r, params.sha256), cache, params) for r in remotes]
 
 
+def provenance(params: DownloadParams, mirror: str | None, inputs: list[Path]) -> dict:
+    """data/raw/source.json: which source the files came from (official / mirror / local folder),
+    its URL or DOI, and the sha256 of each file as used (null for a folder of extracted images).
+
+    The same precedence as `gather`: local_dir, then the mirror, then the official release.
+    """
+    files = {name: (file_digests(path, {"sha256"})["sha256"] if path.is_file() else None)
+             for name, path in zip(params.files, inputs)}
+    if params.local_dir is not None:
+        return {"source": "local", "url": None, "doi": None, "local_dir": params.local_dir, "files": files}
+    if mirror:
+        return {"source": "mirror", "url": mirror_base(mirror), "doi": None, "local_dir": None, "files": files}
+    return {"source": "official", "url": params.dataverse_url, "doi": params.dataset_doi, "local_dir": None,
+            "files": files}
+
+
 # --------------------------------------------------------------------------------------------
 # Safe extraction
 # --------------------------------------------------------------------------------------------
@@ -595,18 +614,24 @@ def build_raw(inputs: list[Path], out: Path, limits: ArchiveLimits) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-def main() -> None:
-    params = load_params("download", DownloadParams)
-    inputs = gather(params, os.environ.get(MIRROR_ENV) or None, CACHE_DIR)
+def main(params_path: Path = PARAMS_FILE, out_dir: Path = RAW_DIR, cache_dir: Path = CACHE_DIR) -> None:
+    """Fetch (or take from `download.local_dir`) the release into `out_dir`, via the `cache_dir`."""
+    params = load_params("download", DownloadParams, params_path)
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    mirror = os.environ.get(MIRROR_ENV) or None
+    inputs = gather(params, mirror, cache_dir)
+    source = provenance(params, mirror, inputs)
     try:
-        with atomic_dir(RAW_DIR) as tmp:
+        with atomic_dir(out_dir) as tmp:
             count = build_raw(inputs, tmp, params.limits)
+            atomic_write_json(tmp / SOURCE_FILE, source)
     except CorruptArchiveError as err:
-        if err.path.parent == CACHE_DIR:
+        if err.path.parent == cache_dir:
             err.path.unlink(missing_ok=True)
-            raise StageError(f"{err} (removed from {CACHE_DIR}; the next run downloads it again)") from None
+            raise StageError(f"{err} (removed from {cache_dir}; the next run downloads it again)") from None
         raise
-    log.info("%s: %d images and %s", RAW_DIR, count, ", ".join(p.name for p in inputs if p.suffix == ".csv"))
+    log.info("%s: %d images and %s, from the %s source", out_dir, count,
+             ", ".join(p.name for p in inputs if p.suffix == ".csv"), source["source"])
 
 
 if __name__ == "__main__":

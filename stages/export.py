@@ -19,22 +19,18 @@ Why it is done this way (TensorFlow 2.21, Keras 3):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from stages.common import (
-    PARAMS_FILE,
-    StageError,
-    atomic_write_bytes,
-    atomic_write_json,
-    load_params,
-    read_index,
-    read_shards,
-    run_stage,
-)
+from stages.cli import run_stage
+from stages.errors import StageError
+from stages.files import atomic_write_bytes, atomic_write_json
+from stages.params import PARAMS_FILE, in_range, load_params
+from stages.progress import track
+from stages.shards import read_index, read_shards
 
 log = logging.getLogger("stages.export")
 
@@ -46,10 +42,9 @@ class ExportParams:
     batch_size: int              # images per inference call when checking on test
 
     def __post_init__(self) -> None:
-        if self.representative_images < 1:
-            raise ValueError(f"representative_images must be >= 1, got {self.representative_images}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        in_range("representative_images", self.representative_images, 1)
+        in_range("seed", self.seed, 0)
+        in_range("batch_size", self.batch_size, 1)
 
 
 def representative_sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -95,15 +90,15 @@ def to_int8(model, image_size: int, calibration: np.ndarray) -> bytes:
     return conv.convert()
 
 
-def tflite_predict(model_bytes: bytes, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Probabilities from a .tflite model, `batch_size` images per call."""
+def tflite_predict(model_bytes: bytes, images: np.ndarray, batch_size: int, what: str = "tflite") -> np.ndarray:
+    """Probabilities from a .tflite model, `batch_size` images per call (progress: stages/progress.py)."""
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=model_bytes)
     source = interpreter.get_input_details()[0]["index"]
     target = interpreter.get_output_details()[0]["index"]
     parts, shape = [], None
-    for start in range(0, len(images), batch_size):
+    for start in track(range(0, len(images), batch_size), -(-len(images) // batch_size), what, "batches", log):
         batch = images[start:start + batch_size].astype(np.float32)
         if batch.shape != shape:  # every batch but a shorter last one reuses the allocation
             interpreter.resize_tensor_input(source, batch.shape)
@@ -144,7 +139,7 @@ def export(model, model_size: int, train_images: np.ndarray, test_images: np.nda
     }
     files = {"float16": to_float16(model, image_size), "int8": to_int8(model, image_size, calibration)}
     for name in files:
-        proba = tflite_predict(files[name], test_images, params.batch_size)
+        proba = tflite_predict(files[name], test_images, params.batch_size, f"{name} on test")
         metrics[name] = compare(test_labels, reference, proba, len(files[name]))
         log.info("%s: %d bytes, agreement with Keras %.4f, balanced accuracy %.4f (Keras %.4f)", name,
                  len(files[name]), metrics[name]["agreement"], metrics[name]["balanced_accuracy"],

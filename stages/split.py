@@ -10,18 +10,20 @@ lesion groups land close to them too. Every class must reach every split.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from stages.common import (CLASSES, LABELS, PARAMS_FILE, SPLITS, StageError, atomic_dir,
-                           atomic_write_json, class_mapping, load_params, read_table, run_stage,
-                           write_table)
+from stages.classes import CLASSES, LABELS, class_mapping
+from stages.cli import run_stage
+from stages.errors import StageError
+from stages.files import atomic_dir, atomic_write_json, read_json, read_table, write_table
+from stages.params import PARAMS_FILE, in_range, load_params
+from stages.splits import SPLITS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("stages.split")
 
 OUTPUT_COLUMNS = ("image_id", "lesion_id", "lesion_group", "dx", "label", "age", "sex", "localization",
                   "dx_type")
@@ -35,10 +37,10 @@ class SplitParams:
     test: float
 
     def __post_init__(self) -> None:
+        in_range("seed", self.seed, 0)
         fractions = self.fractions()
-        bad = [name for name, fraction in fractions.items() if not fraction > 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} must be > 0, got {', '.join(str(fractions[b]) for b in bad)}")
+        for name, fraction in fractions.items():
+            in_range(name, fraction, 0, lo_open=True)
         total = sum(fractions.values())
         if abs(total - 1) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1, got "
@@ -120,28 +122,19 @@ def read_images(path: Path) -> pd.DataFrame:
     return table.assign(label=table["dx"].map(LABELS)).loc[:, list(OUTPUT_COLUMNS)]
 
 
-def read_report(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run: dvc repro dedupe)") from None
-    except json.JSONDecodeError as err:
-        raise StageError(f"{path}: not valid JSON ({err})") from None
-
-
-def main(clean: Path = Path("data/clean"), out: Path = Path("data/split"),
-         metrics: Path = Path("metrics/data.json"), params_file: Path = PARAMS_FILE) -> None:
-    params = load_params("split", SplitParams, params_file)
-    clean = Path(clean)
+def main(clean_dir: Path = Path("data/clean"), out_dir: Path = Path("data/split"),
+         metrics_path: Path = Path("metrics/data.json"), params_path: Path = PARAMS_FILE) -> None:
+    params = load_params("split", SplitParams, params_path)
+    clean = Path(clean_dir)
     table = read_images(clean / "images.csv").sort_values("image_id", kind="stable").reset_index(drop=True)
-    report = read_report(clean / "report.json")
+    report = read_json(clean / "report.json", made_by="dedupe")
     splits = split_lesions(table, params.fractions(), params.seed)
     summary = split_summary(table, splits)
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out_dir)) as tmp:
         for split in SPLITS:
             write_table(tmp / f"{split}.csv", table[splits == split])
         atomic_write_json(tmp / "classes.json", class_mapping())
-    atomic_write_json(Path(metrics), {**report, "splits": summary})
+    atomic_write_json(Path(metrics_path), {**report, "splits": summary})
     log.info("split %d images: %s; largest class-share gap %.2f pp", len(table),
              ", ".join(f"{s} {summary[s]['images']} ({summary[s]['lesion_groups']} groups)" for s in SPLITS),
              summary["max_class_share_deviation_pp"])

@@ -3,9 +3,13 @@
 Why it looks the way it does:
 - The model takes RGB pixels in [0, 255] at augment's image size and does its own scaling
   (`Rescaling` to [-1, 1], as MobileNet was trained), so train, evaluate and predict cannot drift.
-- The checkpoint is chosen on the validation split by balanced accuracy (mean per-class recall,
-  the ISIC 2018 ranking metric), not by accuracy, which `nv` (two thirds of the images) dominates.
-  The test split is never read here.
+- No epoch is "chosen": validation balanced accuracy jumps by several points from epoch to epoch
+  (df and vasc have 15-18 validation images), so picking the best epoch, or cutting the learning
+  rate on a plateau, follows noise. Instead the learning rate warms up linearly, then decays on a
+  cosine to `min_learning_rate`, and the saved model is the average of the weights of the last
+  `average_last_epochs` epochs (stochastic weight averaging; BatchNorm statistics are frozen, so the
+  average needs no re-estimation). Validation is scored every epoch for the curves only, and once
+  for the averaged model (metrics/train/metrics.json `eval`). The test split is never read here.
 - ImageNet weights come through Keras's own download cache (`~/.keras/models/`, or
   `$KERAS_HOME/models/`), exactly as on a user's machine. The α=1.0 file trained at 224 px serves
   every input size: convolution weights do not depend on it.
@@ -17,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -25,16 +30,11 @@ from typing import Literal
 
 import numpy as np
 
-from stages.common import (
-    CLASSES,
-    PARAMS_FILE,
-    ParamError,
-    StageError,
-    load_params,
-    read_index,
-    read_shards,
-    run_stage,
-)
+from stages.classes import CLASSES
+from stages.cli import run_stage
+from stages.errors import ParamError, StageError
+from stages.params import PARAMS_FILE, in_range, load_params
+from stages.shards import read_index, read_shards
 
 log = logging.getLogger("stages.train")
 
@@ -51,11 +51,11 @@ class TrainParams:
     freeze_batchnorm: bool
     dropout: float
     optimizer: Literal["adam", "sgd"]
-    learning_rate: float
-    reduce_lr_factor: float
-    reduce_lr_patience: int
-    min_learning_rate: float
+    learning_rate: float          # peak, reached after the warm-up
+    warmup_epochs: int            # linear warm-up from learning_rate / 10
+    min_learning_rate: float      # end of the cosine decay
     epochs: int
+    average_last_epochs: int      # the saved weights are the mean over the last this many epochs
     batch_size: int
     class_weight: Literal["balanced", "none"]
     random_flip: bool
@@ -64,18 +64,21 @@ class TrainParams:
     def __post_init__(self) -> None:
         if self.weights == "imagenet" and self.alpha not in IMAGENET_ALPHAS:
             raise ValueError(f"alpha must be one of {IMAGENET_ALPHAS} with ImageNet weights, got {self.alpha}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0 or self.min_learning_rate <= 0:
-            raise ValueError("learning_rate and min_learning_rate must be > 0")
-        if not 0 < self.reduce_lr_factor < 1:
-            raise ValueError(f"reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor}")
-        if self.reduce_lr_patience < 0:
-            raise ValueError(f"reduce_lr_patience must be >= 0, got {self.reduce_lr_patience}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        in_range("seed", self.seed, 0)
+        in_range("alpha", self.alpha, 0, lo_open=True)
+        in_range("dropout", self.dropout, 0, 1, hi_open=True)
+        in_range("learning_rate", self.learning_rate, 0, lo_open=True)
+        in_range("min_learning_rate", self.min_learning_rate, 0, self.learning_rate, lo_open=True)  # <= peak
+        in_range("epochs", self.epochs, 1)
+        in_range("batch_size", self.batch_size, 1)
+        in_range("warmup_epochs", self.warmup_epochs, 0, self.epochs, hi_open=True)  # [0, epochs)
+        in_range("average_last_epochs", self.average_last_epochs, 1, self.epochs - self.warmup_epochs)
+        if self.weights == "none" and (self.trainable_from != "all" or self.freeze_batchnorm):
+            # Frozen random layers are a fixed random projection, and frozen BatchNorm keeps its
+            # initial (0, 1) statistics: only the head would learn. Refuse rather than train that.
+            raise ValueError("weights: none trains from scratch, which needs trainable_from: all and "
+                             "freeze_batchnorm: false (got trainable_from: "
+                             f"{self.trainable_from}, freeze_batchnorm: {str(self.freeze_batchnorm).lower()})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +97,8 @@ def imagenet_weights_path(alpha: float) -> str:
         cache = keras_home / "models" / name
         raise StageError(
             f"ImageNet weights for MobileNet V1 are not available ({err}). Place the file {name} "
-            f"(from {WEIGHTS_URL + name}) at {cache}, or set train.weights: none to train from scratch"
+            f"(from {WEIGHTS_URL + name}) at {cache}, or train from scratch with train.weights: none, "
+            f"train.trainable_from: all and train.freeze_batchnorm: false (much weaker on HAM10000)"
         ) from None
 
 
@@ -157,12 +161,29 @@ def freeze_before(model, trainable_from: str) -> None:
         layer.trainable = False
 
 
-def make_optimizer(params: TrainParams):
+def learning_rate_schedule(params: TrainParams, steps_per_epoch: int):
+    """Linear warm-up from learning_rate / 10 to learning_rate, then cosine decay to min_learning_rate.
+
+    A schedule fixed in advance, unlike ReduceLROnPlateau, does not react to validation noise.
+    """
     import keras
 
+    warmup = params.warmup_epochs * steps_per_epoch
+    decay = max(1, (params.epochs - params.warmup_epochs) * steps_per_epoch)
+    floor = params.min_learning_rate / params.learning_rate
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(params.learning_rate, decay, alpha=floor)
+    return keras.optimizers.schedules.CosineDecay(params.learning_rate / 10, decay, alpha=floor,
+                                                  warmup_target=params.learning_rate, warmup_steps=warmup)
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int = 1):
+    import keras
+
+    schedule = learning_rate_schedule(params, steps_per_epoch)
     if params.optimizer == "sgd":
-        return keras.optimizers.SGD(params.learning_rate, momentum=0.9)
-    return keras.optimizers.Adam(params.learning_rate)
+        return keras.optimizers.SGD(schedule, momentum=0.9)
+    return keras.optimizers.Adam(schedule)
 
 
 def make_strategy(name: str):
@@ -217,36 +238,61 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(recalls))
 
 
-def validation_callback(val_images: np.ndarray, val_labels: np.ndarray, batch_size: int):
-    """A callback that scores each epoch on validation and keeps the best weights in memory.
+def validation_scores(model, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Balanced accuracy, accuracy and loss of `model` on validation (plain, no test-time flips)."""
+    proba = model.predict(images, batch_size=batch_size, verbose=0)
+    predicted = proba.argmax(axis=1)
+    return {
+        "val_balanced_accuracy": balanced_accuracy(labels, predicted),
+        "val_accuracy": float(np.mean(predicted == labels)),
+        "val_loss": float(-np.mean(np.log(np.clip(proba[np.arange(len(proba)), labels], 1e-7, 1)))),
+    }
 
-    It adds val_balanced_accuracy, val_accuracy and val_loss to the epoch's logs (so that
-    ReduceLROnPlateau and DVCLive, listed after it, see them) and restores the best weights at the
-    end of training.
+
+class WeightAverage:
+    """Running mean of the model's weights over the epochs it is given (stochastic weight averaging)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean = 0, None
+
+    def add(self, weights: list[np.ndarray]) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean = [w.astype(np.float64) for w in weights]
+        else:
+            for m, w in zip(self.mean, weights):
+                m += (w - m) / self.count
+
+    def weights(self) -> list[np.ndarray]:
+        return [m.astype(np.float32) for m in self.mean]
+
+
+def epoch_callback(val_images: np.ndarray, val_labels: np.ndarray, params: TrainParams):
+    """Score each epoch on validation (for the curves) and average the last epochs' weights.
+
+    It adds val_balanced_accuracy, val_accuracy and val_loss to the epoch's logs, so that DVCLive,
+    listed after it, records them. At the end of training the averaged weights replace the last ones.
     """
     import keras
 
-    class SelectOnValidation(keras.callbacks.Callback):
-        best_score, best_epoch, best_weights = -1.0, -1, None
+    first_averaged = params.epochs - params.average_last_epochs  # 0-based epoch index
+
+    class ScoreAndAverage(keras.callbacks.Callback):
+        average = WeightAverage()
 
         def on_epoch_end(self, epoch, logs=None):
-            proba = self.model.predict(val_images, batch_size=batch_size, verbose=0)
-            predicted = proba.argmax(axis=1)
-            score = balanced_accuracy(val_labels, predicted)
-            logs["val_balanced_accuracy"] = score
-            logs["val_accuracy"] = float(np.mean(predicted == val_labels))
-            logs["val_loss"] = float(-np.mean(np.log(np.clip(proba[np.arange(len(proba)), val_labels], 1e-7, 1))))
-            if score > self.best_score:
-                self.best_score, self.best_epoch = score, epoch
-                self.best_weights = self.model.get_weights()
-            log.info("epoch %d: val balanced accuracy %.4f (best %.4f at epoch %d)",
-                     epoch + 1, score, self.best_score, self.best_epoch + 1)
+            scores = validation_scores(self.model, val_images, val_labels, params.batch_size)
+            logs.update(scores)
+            if epoch >= first_averaged:
+                self.average.add(self.model.get_weights())
+            log.info("epoch %d/%d: val balanced accuracy %.4f%s", epoch + 1, params.epochs,
+                     scores["val_balanced_accuracy"], " (averaged)" if epoch >= first_averaged else "")
 
         def on_train_end(self, logs=None):
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
+            if self.average.count:
+                self.model.set_weights(self.average.weights())
 
-    return SelectOnValidation()
+    return ScoreAndAverage()
 
 
 @contextlib.contextmanager
@@ -300,32 +346,34 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
 
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()
+    steps_per_epoch = -(-len(train_images) // params.batch_size)
     strategy = make_strategy(params.distribution)
     with strategy.scope():
         model = build_model(image_size, params)
-        model.compile(optimizer=make_optimizer(params), loss="sparse_categorical_crossentropy",
+        model.compile(optimizer=make_optimizer(params, steps_per_epoch), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
 
-    selector = validation_callback(val_images, val_labels, params.batch_size)
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(
-        monitor="val_balanced_accuracy", mode="max", factor=params.reduce_lr_factor,
-        patience=params.reduce_lr_patience, min_lr=params.min_learning_rate, verbose=1)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live, stop_on_ctrl_c(model) as stopped:
+        live.step = 1  # epochs are counted from 1 in the curves, as in the logs
         model.fit(
             training_dataset(train_images, train_labels, params.batch_size, params.seed),
             epochs=params.epochs,
             class_weight=class_weights(train_labels, params.class_weight),
-            callbacks=[selector, reduce_lr, DVCLiveCallback(live=live)],
+            callbacks=[epoch_callback(val_images, val_labels, params), DVCLiveCallback(live=live)],
             shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=2,
+            verbose=1 if sys.stdout.isatty() else 2,  # a progress bar with ETA in a terminal, a line per epoch in logs
         )
-        summary = {"best_epoch": selector.best_epoch + 1, "best_val_balanced_accuracy": selector.best_score}
+        if stopped.is_set():
+            raise KeyboardInterrupt  # after fit, outside TensorFlow; the model is not saved
+        # The saved model's own validation figures (the average of the last epochs), not the last epoch's.
+        final = validation_scores(model, val_images, val_labels, params.batch_size)
+        summary = {"averaged_epochs": [params.epochs - params.average_last_epochs + 1, params.epochs],
+                   "val_balanced_accuracy": final["val_balanced_accuracy"]}
         live.summary.update(summary)
-    if stopped.is_set():
-        raise KeyboardInterrupt  # after fit, outside TensorFlow; the model is not saved
+        live.summary["eval"] = {name.removeprefix("val_"): value for name, value in final.items()}
     save_model(model, model_path)
-    log.info("saved %s (epoch %d of %d, val balanced accuracy %.4f)", model_path,
-             summary["best_epoch"], params.epochs, summary["best_val_balanced_accuracy"])
+    log.info("saved %s (weights averaged over epochs %d-%d, val balanced accuracy %.4f)", model_path,
+             *summary["averaged_epochs"], summary["val_balanced_accuracy"])
     return summary
 
 

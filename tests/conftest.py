@@ -10,12 +10,13 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from stages.common import CLASSES, write_shards  # noqa: E402
+from stages.classes import CLASSES  # noqa: E402
+from stages.shards import write_shards  # noqa: E402
 
 TINY_TRAIN = {
     "seed": 1, "weights": "none", "alpha": 0.25, "trainable_from": "all", "freeze_batchnorm": False, "dropout": 0.1,
-    "optimizer": "adam", "learning_rate": 0.01, "reduce_lr_factor": 0.5, "reduce_lr_patience": 1,
-    "min_learning_rate": 0.0001, "epochs": 1, "batch_size": 16, "class_weight": "balanced",
+    "optimizer": "adam", "learning_rate": 0.01, "warmup_epochs": 0,
+    "min_learning_rate": 0.0001, "epochs": 1, "average_last_epochs": 1, "batch_size": 16, "class_weight": "balanced",
     "random_flip": True, "distribution": "default",
 }
 

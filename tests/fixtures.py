@@ -9,15 +9,15 @@ from __future__ import annotations
 import io
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image
 
-from stages.common import CLASSES
+from stages.classes import CLASSES
 
 METADATA_FILE = "HAM10000_metadata.csv"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")

@@ -19,10 +19,10 @@ import re
 import socket
 import threading
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Mapping
 
 HTML_PAGE = b"<!DOCTYPE html><html><body><h1>Please sign in</h1></body></html>"
 

@@ -14,7 +14,10 @@ from PIL import Image
 
 from stages import augment
 from stages.augment import AugmentParams, Transform
-from stages.common import LABELS, ParamError, StageError, load_image, read_index, read_shards
+from stages.classes import LABELS
+from stages.errors import ParamError, StageError
+from stages.images import load_image
+from stages.shards import read_index, read_shards
 from tests.fixtures import declare_size
 
 PARAMS = {
@@ -287,7 +290,7 @@ def test_damaged_image_stops_the_stage_naming_file_and_why(project, damage, why)
 
 
 def test_target_below_the_class_size_keeps_every_real_image_and_says_so(project, caplog):
-    caplog.set_level(logging.INFO, logger="augment")
+    caplog.set_level(logging.INFO, logger="stages.augment")
     counts = read_index(project.run(target_per_class=2))["splits"]["train"]["class_counts"]
     assert (counts["nv"], counts["mel"], counts["df"]) == (6, 3, 2)  # never fewer than the real images
     assert "train nv: 6 real images, at or above target_per_class 2: not augmented" in caplog.messages
@@ -299,6 +302,6 @@ def test_image_size_the_model_cannot_take_is_refused_before_any_image_is_read(pr
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
     for image in project.images.iterdir():
         image.unlink()  # were any image read, the error would be "not found"
-    with pytest.raises(ParamError, match=r"^augment: image_size must be between 32 and 512, got 16$"):
+    with pytest.raises(ParamError, match=r"^augment: image_size must be in \[32, 512\], got 16$"):
         project.run(image_size=16)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from stages import dedupe
-from stages.common import CLASSES, ParamError, StageError
-from tests.fixtures import (METADATA_FILE, declare_size, image_pixels, jpeg_bytes, make_metadata, write_params,
-                            write_raw)
+from stages.classes import CLASSES
+from stages.errors import ParamError, StageError
+from tests.fixtures import METADATA_FILE, declare_size, image_pixels, jpeg_bytes, make_metadata, write_params, write_raw
 
 
 @pytest.fixture
@@ -31,7 +31,8 @@ def run(tmp_path: Path, table: pd.DataFrame, edit=None, workers: int = 1, size: 
         edit(raw)
     out = tmp_path / "clean"
     dedupe.main(raw, out, write_params(tmp_path / "params.yaml", dedupe=params), workers=workers)
-    read = lambda name: pd.read_csv(out / name, dtype=str, keep_default_na=False)
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_csv(out / name, dtype=str, keep_default_na=False)
     return SimpleNamespace(images=read("images.csv"), excluded=read("excluded.csv"),
                            duplicates=read("duplicates.csv"),
                            report=json.loads((out / "report.json").read_text(encoding="utf-8")))
@@ -256,9 +257,9 @@ def truncate(path: Path) -> None:
      "unreadable image: 48x36 pixels is over the limit"),
     (declare_size, "unreadable image: decompression bomb (Image size (400000000 pixels) exceeds limit"),
 ], ids=["empty", "truncated", "not-an-image", "over-max-image-pixels", "bomb-header"])
-def test_unreadable_image_is_excluded_with_why(tmp_path, table, damage, expected):
-    out = run(tmp_path, table, edit=lambda raw: damage(image_path(raw, "ISIC_0024306")),
-              max_image_pixels=1000)  # 24x18 images pass, the 48x36 one does not
+def test_unreadable_image_is_excluded_with_why(tmp_path, table, damage, expected, monkeypatch):
+    monkeypatch.setattr(dedupe, "MAX_IMAGE_PIXELS", 1000)  # 24x18 images pass, the 48x36 one does not
+    out = run(tmp_path, table, edit=lambda raw: damage(image_path(raw, "ISIC_0024306")))
     assert reasons(out)["ISIC_0024306"].startswith(expected)
     assert str(tmp_path) not in reasons(out)["ISIC_0024306"]
     assert len(out.images) == 27
@@ -303,8 +304,10 @@ def test_metadata_with_rules_applied_in_memory():
     ({"near_duplicate": False}, r"unknown key dedupe.near_duplicate \(known keys: near_duplicates, "),
     ({"phash_max_distance": "6"}, r"dedupe.phash_max_distance must be int, got '6'"),
     ({"near_duplicates": "yes"}, r"dedupe.near_duplicates must be bool, got 'yes'"),
-    ({"max_image_pixels": None}, r"dedupe.max_image_pixels must be int, got None"),
-], ids=["unknown-key", "wrong-type", "string-for-bool", "null"])
+    ({"max_mean_abs_difference": None}, r"dedupe.max_mean_abs_difference must be float, got None"),
+    ({"phash_max_distance": 65}, r"dedupe: phash_max_distance must be in \[0, 64\], got 65"),
+    ({"max_mean_abs_difference": -1}, r"dedupe: max_mean_abs_difference must be in \[0, 255\], got -1.0"),
+], ids=["unknown-key", "wrong-type", "string-for-bool", "null", "hash-bits", "negative"])
 def test_bad_params_stop_the_stage_before_it_reads_any_image(tmp_path, previous_clean, values, message):
     params = write_params(tmp_path / "params.yaml", dedupe=values)
     with pytest.raises(ParamError, match=message):  # not "raw/...: not found": params come first

@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 
 import stages.download as download
-from stages.common import ParamError, StageError
+from stages.errors import ParamError, StageError
 from tests.http_fixtures import FileServer
 
 P1, P2, META = "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata.csv"
@@ -132,7 +132,18 @@ def previous_raw(workdir: Path) -> dict[str, bytes]:
 
 
 def raw_files() -> dict[str, bytes]:
-    return {p.relative_to(RAW).as_posix(): p.read_bytes() for p in RAW.rglob("*") if p.is_file()}
+    """data/raw's data files (source.json, which names the server's port, is checked by source())."""
+    return {p.relative_to(RAW).as_posix(): p.read_bytes() for p in RAW.rglob("*")
+            if p.is_file() and p.name != download.SOURCE_FILE}
+
+
+def source() -> dict:
+    """data/raw/source.json: where the files came from and their sha256."""
+    return json.loads((RAW / download.SOURCE_FILE).read_text(encoding="utf-8"))
+
+
+def sha256_of(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(files[name]).hexdigest() for name in (P1, P2, META)}
 
 
 def assert_unharmed(previous: dict[str, bytes]) -> None:
@@ -154,6 +165,8 @@ def test_mirror_download_extracts_images_and_caches(workdir, monkeypatch, sleeps
         use_mirror(monkeypatch, server)
         download.main()
         assert raw_files() == expected_raw()
+        assert source() == {"source": "mirror", "url": server.url.rstrip("/") + "/", "doi": None,
+                            "local_dir": None, "files": sha256_of(mirror_files())}
         assert sorted(p.name for p in CACHE.iterdir()) == sorted([P1, P2, META])
         assert all(r.user_agent == download.USER_AGENT for r in server.requests)
 
@@ -323,6 +336,8 @@ def test_dataverse_resolves_names_and_fetches_originals(workdir, sleeps):
     assert sorted(fetched) == [("api/access/datafile/11", ""), ("api/access/datafile/12", ""),
                                ("api/access/datafile/13", "format=original")]
     assert raw_files() == expected_raw()
+    assert source() == {"source": "official", "url": server.url, "doi": PARAMS["dataset_doi"], "local_dir": None,
+                        "files": sha256_of(release())}
 
 
 def test_dataverse_checksum_mismatch_names_expected_and_actual(previous_raw, sleeps):
@@ -352,6 +367,8 @@ def test_local_dir_with_the_release_files(workdir, sleeps):
     write_params(local_dir=str(local))
     download.main()
     assert raw_files() == expected_raw()
+    assert source() == {"source": "local", "url": None, "doi": None, "local_dir": str(local),
+                        "files": sha256_of(release())}
     assert not CACHE.exists()
 
 
@@ -366,6 +383,7 @@ def test_local_dir_with_kaggle_folders(workdir, sleeps):
     write_params(local_dir=str(local))
     download.main()
     assert raw_files() == expected_raw()
+    assert source()["files"] == {P1: None, P2: None, META: hashlib.sha256(CSV).hexdigest()}  # folders: no file
 
 
 def test_local_dir_missing_a_file_names_it(previous_raw):

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from stages import export
-from stages.common import CLASSES, ParamError, StageError, load_params, read_shards
+from stages.classes import CLASSES
+from stages.errors import ParamError, StageError
+from stages.params import load_params
+from stages.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model

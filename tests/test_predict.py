@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 
 from stages import predict
-from stages.common import CLASS_NAMES, CLASSES, load_image, read_shards
+from stages.classes import CLASS_NAMES, CLASSES
+from stages.images import load_image
+from stages.inference import Decision
+from stages.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import image_pixels, jpeg_bytes
 from tests.tiny_model import tiny_model
@@ -29,11 +32,12 @@ def model_and_path(tmp_path_factory):
     images, _, _ = read_shards(make_shards(folder / "augmented"), "train")
     model = tiny_model(images)
     model.save(folder / "model.keras")
+    Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
     return model, folder / "model.keras"
 
 
 def oversized_png(side: int = 8000) -> bytes:
-    """A tiny PNG whose header claims side x side pixels, over common.MAX_IMAGE_PIXELS."""
+    """A tiny PNG whose header claims side x side pixels, over images.MAX_IMAGE_PIXELS."""
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
@@ -118,6 +122,9 @@ def test_json_is_one_list_on_stdout_and_the_notice_goes_to_stderr(model_and_path
     assert status == 1
     assert [r["image"] for r in results] == [str(good_images[0]), str(bad_images["empty"])]
     assert [c["dx"] in CLASSES for c in results[0]["top"]] == [True] * 3
+    top = results[0]["top"][0]
+    assert results[0]["decision"] == ("mel" if any(c["dx"] == "mel" and c["probability"] >= 0.3
+                                                   for c in results[0]["top"]) else top["dx"])
     assert results[1]["error"] == "empty file (0 bytes)"
     assert predict.NOTICE in err and "not a medical device" in predict.NOTICE
 
@@ -128,8 +135,8 @@ def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_pat
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert status == 1
-    assert lines[0].split() == ["image", "#", "dx", "name", "probability"]
-    assert lines[1].startswith(str(good_images[2])) and lines[1].endswith("%")
+    assert lines[0].split() == ["image", "#", "dx", "name", "probability", "decision"]
+    assert lines[1].startswith(str(good_images[2])) and lines[1].split()[-1] in CLASSES
     assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
     assert lines[4].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[4]
     assert "2 image(s), 1 failed." in out and out.rstrip().endswith(predict.NOTICE)
@@ -140,6 +147,23 @@ def test_missing_model_is_a_usage_error_that_says_how_to_get_it(tmp_path, good_i
     err = capsys.readouterr().err
     assert status == 2
     assert str(tmp_path / "nope.keras") in err and "dvc repro" in err and "dvc pull" in err
+
+
+def test_decision_at_the_operating_point_calls_melanoma_above_the_threshold(model_and_path, good_images):
+    model, _ = model_and_path
+    paths = [str(p) for p in good_images]
+    plain = predict.predict_files(model, paths)
+    assert all("decision" not in r for r in plain)
+    always_mel = Decision("none", (0.0,) * len(CLASSES), 0.0, 0.0, 0.85)
+    assert {r["decision"] for r in predict.predict_files(model, paths, always_mel)} == {"mel"}
+    never_mel = Decision("none", (0.0,) * len(CLASSES), 0.0, 1.01, 0.85)
+    assert [r["decision"] for r in predict.predict_files(model, paths, never_mel)] == [r["top"][0]["dx"] for r in plain]
+
+
+def test_missing_decision_file_is_a_usage_error(model_and_path, good_images, tmp_path, capsys):
+    _, model_path = model_and_path
+    status = predict.main(["--model", str(model_path), "--decision", str(tmp_path / "none.json"), str(good_images[0])])
+    assert status == 2 and "dvc repro evaluate" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2_and_help_carries_the_notice(capsys):

@@ -1,6 +1,7 @@
 """Stage report: Grad-CAM, calibration, subgroups, the model card, and the stage end to end."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -8,13 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, report, train
-from stages.common import CLASS_NAMES, CLASSES, ParamError, load_params
+from stages import evaluate, gradcam, report, train
+from stages.classes import CLASS_NAMES, CLASSES
+from stages.errors import ParamError
+from stages.params import load_params
 from tests.conftest import TINY_TRAIN, make_shards
 from tests.fixtures import write_params
 
 TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "calibration_bins": 5, "age_bands": [30, 60],
-               "min_group_size": 5, "data_source": "mirror"}
+               "min_group_size": 5}
+SOURCE = {"source": "mirror", "url": "http://127.0.0.1:8765/", "doi": None, "local_dir": None,
+          "files": {"HAM10000_metadata.csv": "ab" * 32, "HAM10000_images_part_1.zip": "cd" * 32}}
 
 
 def evidence_model():
@@ -22,7 +27,7 @@ def evidence_model():
     import keras
 
     inputs = keras.Input((8, 8, 3))
-    features = keras.layers.ReLU(name=report.GRADCAM_LAYER)(inputs)
+    features = keras.layers.ReLU(name=gradcam.GRADCAM_LAYER)(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(features)
     dense = keras.layers.Dense(2, activation="softmax", name="probabilities")
     outputs = dense(pooled)
@@ -35,11 +40,11 @@ def test_gradcam_finds_the_evidence_for_the_class_asked():
     image[0, :2, :2] = 200.0  # a bright corner: evidence for class 0, against class 1
     image[0, 6:, 6:] = 100.0
     model = evidence_model()
-    heat = report.gradcam(model, image, np.array([0]))[0]
+    heat = gradcam.gradcam(model, image, np.array([0]))[0]
     np.testing.assert_allclose(heat[:2, :2], 1.0, atol=1e-5)
     np.testing.assert_allclose(heat[6:, 6:], 0.5, atol=1e-5)
     np.testing.assert_allclose(heat[3:5, 3:5], 0.0, atol=1e-5)
-    assert not report.gradcam(model, image, np.array([1])).any(), "only positive evidence is kept"
+    assert not gradcam.gradcam(model, image, np.array([1])).any(), "only positive evidence is kept"
 
 
 def test_gradcam_on_mobilenet_has_the_input_size_and_unit_range(tmp_path):
@@ -48,7 +53,7 @@ def test_gradcam_on_mobilenet_has_the_input_size_and_unit_range(tmp_path):
     train.build_model(32, train.TrainParams(**TINY_TRAIN)).save(tmp_path / "model.keras")
     model = keras.saving.load_model(tmp_path / "model.keras")  # as the stage gets it
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    heat = report.gradcam(model, images, np.array([0, 4, 6]))
+    heat = gradcam.gradcam(model, images, np.array([0, 4, 6]))
     assert heat.shape == (3, 32, 32)
     assert heat.min() >= 0.0 and heat.max() <= 1.0
     assert all(np.isclose(h.max(), 1.0) or not h.any() for h in heat), "each map is scaled to its own peak"
@@ -66,19 +71,38 @@ def hand_made_predictions() -> pd.DataFrame:
 
 def test_gradcam_sample_takes_up_to_n_right_and_n_wrong_per_class_reproducibly():
     predictions = hand_made_predictions()
-    sample = report.gradcam_sample(predictions, per_class=2, seed=1)
+    sample = gradcam.gradcam_sample(predictions, per_class=2, seed=1)
     assert len(sample) == len(CLASSES) * 4
     for dx in CLASSES:
         of_class = sample[sample["actual"] == dx]
         assert (of_class["predicted"] == dx).sum() == 2 and (of_class["predicted"] != dx).sum() == 2
-    assert report.gradcam_sample(predictions.sample(frac=1, random_state=0), 2, 1).equals(sample)
-    assert len(report.gradcam_sample(predictions, per_class=9, seed=1)) == len(predictions)
+    assert gradcam.gradcam_sample(predictions.sample(frac=1, random_state=0), 2, 1).equals(sample)
+    assert len(gradcam.gradcam_sample(predictions, per_class=9, seed=1)) == len(predictions)
     changed = predictions.assign(predicted=np.where(predictions["actual"] == "akiec", "bcc", predictions["predicted"]))
-    others = report.gradcam_sample(changed, 2, 1)
+    others = gradcam.gradcam_sample(changed, 2, 1)
     assert others[others["actual"] != "akiec"].reset_index(drop=True).equals(
         sample[sample["actual"] != "akiec"].reset_index(drop=True)), "one class's change leaves the others alone"
-    assert report.gradcam_file_name("mel", "mel", "ISIC_1") == "mel_correct_ISIC_1.png"
-    assert report.gradcam_file_name("mel", "nv", "ISIC_1") == "mel_wrong_as_nv_ISIC_1.png"
+
+
+def test_contact_sheet_has_a_row_of_correct_and_a_row_of_wrong_cells():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    heat = np.zeros((16, 16))
+    heat[:8] = 1.0  # hot top half: the overlay differs from the image there only
+    cells = {"correct": [(image, heat, ["ISIC_1  correct", "p=0.90"])] * 3, "wrong": []}
+    png = gradcam.contact_sheet("mel", cells, per_class=3)
+    with Image.open(io.BytesIO(png)) as sheet:
+        assert sheet.size == (3 * 2 * gradcam.PANEL_PX + 2 * gradcam.GAP_PX,
+                              gradcam.TITLE_PX + 2 * (gradcam.CAPTION_PX + gradcam.PANEL_PX + gradcam.GAP_PX))
+        pixels = np.asarray(sheet.convert("RGB"), dtype=int)
+    top = gradcam.TITLE_PX + gradcam.CAPTION_PX
+    left_half = pixels[top:top + gradcam.PANEL_PX, :gradcam.PANEL_PX]
+    overlay = pixels[top:top + gradcam.PANEL_PX, gradcam.PANEL_PX:2 * gradcam.PANEL_PX]
+    assert np.abs(left_half - overlay)[: gradcam.PANEL_PX // 4].mean() > 20, "the hot half is tinted"
+    bottom = gradcam.TITLE_PX + 2 * (gradcam.CAPTION_PX + gradcam.PANEL_PX) + gradcam.GAP_PX
+    assert (pixels[bottom - gradcam.PANEL_PX // 2:bottom, :] == 255).all(), "the empty wrong row stays blank"
 
 
 def test_a_perfectly_calibrated_model_has_zero_calibration_error():
@@ -147,12 +171,13 @@ def split_table(labels: np.ndarray, ids: np.ndarray, rng: np.random.Generator) -
 
 def write_stage_inputs(root: Path) -> dict[str, Path]:
     """Everything the stage reads, as earlier stages would have written it, in `root`."""
-    from stages.common import read_shards
+    import keras
+
+    from stages.shards import read_shards
 
     rng = np.random.default_rng(0)
     data_dir = make_shards(root / "augmented")
     split_dir, metrics_dir = root / "split", root / "metrics"
-    (metrics_dir / "plots" / "test").mkdir(parents=True)
     split_dir.mkdir()
     for split in ("train", "val", "test"):
         _, labels, ids = read_shards(data_dir, split)
@@ -160,21 +185,33 @@ def write_stage_inputs(root: Path) -> dict[str, Path]:
         proba = rng.dirichlet(np.ones(len(CLASSES)), len(labels))
         proba[np.arange(len(labels)) % 2 == 0, :] += np.eye(len(CLASSES))[labels[::2]]  # half right
         proba /= proba.sum(axis=1, keepdims=True)
-        (metrics_dir / f"{split}.json").write_text(json.dumps(evaluate.classification_metrics(labels, proba)))
-        if split == "test":
-            (metrics_dir / "plots" / "test" / "predictions.csv").write_text(
-                evaluate.predictions_table(ids, labels, proba))
+        if split == "train":
+            continue
+        headline, per_class = evaluate.classification_metrics(labels, proba)
+        headline["balanced_accuracy_ci95"] = [0.25, 0.75]
+        (metrics_dir / "plots" / split).mkdir(parents=True)
+        (metrics_dir / f"{split}.json").write_text(json.dumps(headline))
+        (metrics_dir / "plots" / split / "per_class.csv").write_text(evaluate.per_class_table(per_class))
+        (metrics_dir / "plots" / split / "predictions.csv").write_text(evaluate.predictions_table(ids, labels, proba))
     (metrics_dir / "data.json").write_text(json.dumps({
         "images": 84, "lesions": 84, "exact_duplicates": {"found": 1, "removed": 1, "across_lesions": 0},
         "near_duplicates": {"found": 0, "across_lesions": 0}, "merged_lesion_groups": 0,
         "excluded": {"no image file": {"rows": 2, "image_ids": ["ISIC_x", "ISIC_y"]}},
         "age_missing": 3, "sex_unknown": 0}))
+    source_path = root / "raw" / "source.json"
+    source_path.parent.mkdir()
+    source_path.write_text(json.dumps(SOURCE))
     model_path = root / "model.keras"
-    train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_pw_12"})).save(model_path)
+    model = train.build_model(32, train.TrainParams(**TINY_TRAIN))
+    names = [layer.name for layer in model.layers]
+    for layer in model.layers[:names.index("conv_pw_12")]:  # frozen as trainable_from: conv_pw_12 would
+        layer.trainable = False
+    model.save(model_path)
+    keras.backend.clear_session()
     params = write_params(root / "params.yaml", train={**TINY_TRAIN, "trainable_from": "conv_pw_12"},
                           report=TINY_REPORT)
     return {"params_path": params, "model_path": model_path, "data_dir": data_dir, "split_dir": split_dir,
-            "metrics_dir": metrics_dir}
+            "source_path": source_path, "metrics_dir": metrics_dir}
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -195,29 +232,30 @@ def report_runs(tmp_path_factory) -> tuple[Path, Path]:
 def test_stage_writes_every_file_and_two_runs_are_byte_identical(report_runs):
     first, second = report_runs
     files = folder_bytes(first)
-    assert {"calibration.csv", "summary.json", "model_card.md"} <= set(files)
-    panels = [name for name in files if name.startswith("gradcam/")]
-    assert panels and all(name.endswith(".png") for name in panels)
-    assert {name.split("/")[1].split("_")[0] for name in panels} <= set(CLASSES)
+    assert {"calibration.csv", "summary.json", "subgroups.json", "model_card.md"} <= set(files)
+    sheets = sorted(name for name in files if name.startswith("gradcam/"))
+    assert sheets == [f"gradcam/{dx}.png" for dx in CLASSES], "one contact sheet per class, nothing else"
     assert files == folder_bytes(second), "same inputs, same bytes"
 
 
-def test_gradcam_panels_are_images_of_the_image_beside_its_overlay(report_runs):
+def test_gradcam_sheets_hold_one_cell_per_sampled_image(report_runs):
     from PIL import Image
 
-    panel = next((report_runs[0] / "gradcam").glob("*.png"))
-    with Image.open(panel) as image:
-        assert image.size == (2 * report.PANEL_PX, report.PANEL_PX + report.CAPTION_PX)
+    with Image.open(report_runs[0] / "gradcam" / "mel.png") as sheet:  # gradcam_per_class 1: one column
+        assert sheet.size == (max(2 * gradcam.PANEL_PX, gradcam.MIN_WIDTH_PX),
+                              gradcam.TITLE_PX + 2 * (gradcam.CAPTION_PX + gradcam.PANEL_PX + gradcam.GAP_PX))
 
 
-def test_summary_has_calibration_error_and_subgroups(report_runs):
+def test_summary_is_the_calibration_error_and_subgroups_are_a_plain_file(report_runs):
     summary = json.loads((report_runs[0] / "summary.json").read_text())
-    assert 0.0 <= summary["ece"] <= 1.0 and summary["images"] == 4 * len(CLASSES)
-    assert set(summary["subgroups"]) == {"sex", "age", "localization"}
-    assert sum(g["n"] for g in summary["subgroups"]["age"].values()) == summary["images"]
+    assert list(summary) == ["ece"] and 0.0 <= summary["ece"] <= 1.0
+    subgroups = json.loads((report_runs[0] / "subgroups.json").read_text())
+    assert subgroups["test_images"] == 4 * len(CLASSES) and subgroups["min_group_size"] == 5
+    assert set(subgroups["subgroups"]) == {"sex", "age", "localization"}
+    assert sum(g["n"] for g in subgroups["subgroups"]["age"].values()) == subgroups["test_images"]
     calibration = pd.read_csv(report_runs[0] / "calibration.csv")
     assert list(calibration.columns) == ["bin", "confidence", "accuracy", "count"]
-    assert calibration["count"].sum() == summary["images"]
+    assert calibration["count"].sum() == subgroups["test_images"]
 
 
 def test_model_card_has_the_required_sections_and_class_names(report_runs):
@@ -228,9 +266,46 @@ def test_model_card_has_the_required_sections_and_class_names(report_runs):
         assert f"\n{heading}\n" in card
     for dx in CLASSES:
         assert f"{dx} ({CLASS_NAMES[dx]})" in card
+        assert f"](gradcam/{dx}.png)" in card
     metrics_table = card.split("## Metrics")[1]
     assert metrics_table.index("balanced accuracy") < metrics_table.index("| accuracy")
+    assert "| balanced accuracy, 95% interval (lesion-group bootstrap) | 0.250 – 0.750 | 0.250 – 0.750 |" in card
+    per_class = metrics_table.split("Test, per class:")[1]
+    assert "| class | precision | recall | F1 | AUC | images |" in per_class
     assert "alpha = 0.25" in card and "every layer before `conv_pw_12`" in card and "BatchNormalization" not in card
     assert "Not a medical device" in card and "dvc repro" in card
     assert "| true \\ predicted | akiec | bcc | bkl | df | mel | nv | vasc |" in card
-    assert "no image file: 2" in card and "mirror" in card
+    assert "no image file: 2" in card
+
+
+def test_model_card_says_where_the_data_came_from(report_runs):
+    card = (report_runs[0] / "model_card.md").read_text()
+    data = card.split("## Data")[1].split("##")[0]
+    assert "a mirror of the HAM10000 release (http://127.0.0.1:8765/)" in data
+    assert "`HAM10000_metadata.csv` (sha256 abababababab…)" in data
+    assert "Not the official files: this mirror copy" in card
+
+
+@pytest.mark.parametrize("source, expected", [
+    ({"source": "official", "url": "https://dataverse.harvard.edu", "doi": "doi:10.7910/DVN/DBW86T", "files": {}},
+     "the official HAM10000 release on Harvard Dataverse (doi:10.7910/DVN/DBW86T, https://dataverse.harvard.edu)"),
+    ({"source": "local", "local_dir": "/data/ham", "files": {}},
+     "a local folder holding the release's files (`/data/ham`)"),
+], ids=["official", "local"])
+def test_source_wording(source, expected):
+    from stages import model_card
+
+    assert model_card.source_text(source) == expected
+    limitations = model_card.limitations_section({"images": 10}, {s: pd.DataFrame({"dx": ["nv"]}) for s in
+                                                                  ("train", "val", "test")}, source, 128)
+    assert ("Not the official files" in limitations) == (source["source"] != "official")
+
+
+def test_a_missing_or_unknown_source_record_is_a_clear_error(tmp_path):
+    from stages.errors import StageError
+
+    with pytest.raises(StageError, match=r"source.json: not found \(.*download"):
+        report.read_source(tmp_path / "source.json")
+    (tmp_path / "source.json").write_text('{"source": "ftp"}')
+    with pytest.raises(StageError, match="'source' must be one of official, mirror, local"):
+        report.read_source(tmp_path / "source.json")

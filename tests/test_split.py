@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 
 from stages import split
-from stages.common import CLASSES, LABELS, SPLITS, ParamError, StageError, load_params
+from stages.classes import CLASSES, LABELS
+from stages.errors import ParamError, StageError
+from stages.params import load_params
+from stages.splits import SPLITS
 from tests.fixtures import make_metadata, write_params
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
@@ -98,7 +101,7 @@ def test_lesion_group_with_two_classes_is_an_error():
 @pytest.mark.parametrize("values, message", [
     ({"train": 0.8}, r"split: train \+ val \+ test must sum to 1, got 0.8 \+ 0.15 \+ 0.15 = 1.1"),
     ({"val": 0.0, "test": 0.3}, r"split: val must be > 0, got 0.0"),
-    ({"train": 1.2, "val": -0.1, "test": -0.1}, r"split: val, test must be > 0"),
+    ({"train": 1.2, "val": -0.1, "test": -0.1}, r"split: val must be > 0, got -0.1"),
 ], ids=["sum", "zero", "negative"])
 def test_bad_fractions_are_a_param_error_naming_the_keys(tmp_path, values, message):
     with pytest.raises(ParamError, match=message):

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from stages import train
-from stages.common import CLASSES, ParamError, StageError, load_params
+from stages.classes import CLASSES
+from stages.errors import ParamError, StageError
+from stages.params import load_params
 from tests.conftest import TINY_TRAIN, make_shards
 from tests.fixtures import write_params
 
@@ -35,17 +37,24 @@ def test_model_takes_pixels_and_returns_class_probabilities():
     assert names.index("scale_to_mobilenet") < names.index("conv1")
 
 
-def test_layers_before_trainable_from_are_frozen():
-    model = train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_dw_12"}))
+@pytest.fixture
+def imagenet_stand_in(monkeypatch):
+    """`weights: imagenet` with random weights: CI has no weights file; freezing does not care."""
+    monkeypatch.setattr(train, "imagenet_weights_path", lambda alpha: None)
+    return {**TINY_TRAIN, "weights": "imagenet"}
+
+
+def test_layers_before_trainable_from_are_frozen(imagenet_stand_in):
+    model = train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "trainable_from": "conv_dw_12"}))
     names = [layer.name for layer in model.layers]
     first = names.index("conv_dw_12")
     assert not any(layer.trainable for layer in model.layers[:first] if layer.weights)
     assert all(layer.trainable for layer in model.layers[first:])
 
 
-def test_unknown_trainable_from_names_the_key():
+def test_unknown_trainable_from_names_the_key(imagenet_stand_in):
     with pytest.raises(ParamError, match="train.trainable_from.*conv_dw_99"):
-        train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "trainable_from": "conv_dw_99"}))
+        train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "trainable_from": "conv_dw_99"}))
 
 
 def test_image_size_below_mobilenet_minimum_is_refused():
@@ -61,10 +70,10 @@ def test_balanced_class_weights_give_each_class_equal_total_weight():
     assert train.class_weights(labels, "none") is None
 
 
-def test_checkpoint_is_chosen_by_validation_balanced_accuracy_not_accuracy():
-    """Epoch 1 predicts `nv` everywhere (accuracy 0.8, balanced 0.5); epoch 2 finds both
-    melanomas (accuracy 0.6, balanced 0.75); epoch 3 is the nv-only model again. The
-    selection must keep epoch 2's weights."""
+def test_epochs_are_scored_on_validation_and_the_last_epochs_weights_averaged():
+    """Epoch 1 predicts `nv` everywhere (accuracy 0.8, balanced 0.5); epoch 2 finds both melanomas
+    (accuracy 0.6, balanced 0.75). Every epoch is scored; the saved weights are the mean of the
+    last `average_last_epochs` epochs (here 2 and 3), whatever their validation scores."""
     import keras
 
     val_labels = np.array([5] * 8 + [4] * 2)
@@ -79,20 +88,52 @@ def test_checkpoint_is_chosen_by_validation_balanced_accuracy_not_accuracy():
 
     all_nv = weights_predicting([5] * 10)
     finds_mel = weights_predicting([5, 5, 5, 5, 4, 4, 4, 4, 4, 4])
-    selector = train.validation_callback(features, val_labels, batch_size=4)
-    selector.set_model(model)
+    params = train.TrainParams(**{**TINY_TRAIN, "epochs": 3, "average_last_epochs": 2, "batch_size": 4})
+    callback = train.epoch_callback(features, val_labels, params)
+    callback.set_model(model)
     logs_seen = []
     for epoch, weights in enumerate([all_nv, finds_mel, all_nv]):
         model.set_weights(weights)
         logs = {}
-        selector.on_epoch_end(epoch, logs)
+        callback.on_epoch_end(epoch, logs)
         logs_seen.append(logs)
-    selector.on_train_end()
+    callback.on_train_end()
     assert logs_seen[0]["val_accuracy"] == pytest.approx(0.8)
     assert logs_seen[0]["val_balanced_accuracy"] == pytest.approx(0.5)
     assert logs_seen[1]["val_balanced_accuracy"] == pytest.approx(0.75)
-    assert selector.best_epoch == 1
-    np.testing.assert_array_equal(model.get_weights()[0], finds_mel[0])
+    np.testing.assert_allclose(model.get_weights()[0], (finds_mel[0] + all_nv[0]) / 2)
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine():
+    params = train.TrainParams(**{**TINY_TRAIN, "epochs": 5, "warmup_epochs": 1, "learning_rate": 0.01,
+                                  "min_learning_rate": 0.0001})
+    schedule = train.learning_rate_schedule(params, steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in range(0, 51)]
+    assert rates[0] == pytest.approx(0.001)          # learning_rate / 10
+    assert rates[10] == pytest.approx(0.01)          # peak after one epoch
+    assert all(a <= b + 1e-9 for a, b in zip(rates[:10], rates[1:11])), "rises during the warm-up"
+    assert all(a >= b - 1e-9 for a, b in zip(rates[10:], rates[11:])), "then only decays"
+    assert rates[50] == pytest.approx(0.0001, rel=1e-3)
+
+
+def test_training_from_scratch_with_frozen_layers_is_refused(tmp_path):
+    """weights: none with frozen layers or frozen BatchNorm would train only the head."""
+    for change in ({"trainable_from": "conv_dw_11"}, {"freeze_batchnorm": True}):
+        path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, "weights": "none", **change})
+        with pytest.raises(ParamError, match="weights: none trains from scratch, which needs trainable_from: all"):
+            load_params("train", train.TrainParams, path)
+
+
+def test_training_from_scratch_trains_every_layer_and_batchnorm(tiny_shards, tmp_path):
+    """The accepted from-scratch setting really learns everywhere: convolutions and BatchNorm change."""
+    import keras
+
+    model = train.build_model(32, PARAMS)
+    trainable = {w.path for w in model.trainable_weights}
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+    assert all(w.path in trainable for layer in convs + norms for w in layer.trainable_weights)
+    assert all(layer.trainable for layer in norms)
 
 
 def test_imagenet_weights_come_from_keras_cache(tmp_path, monkeypatch):
@@ -146,7 +187,10 @@ def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path):
         train.main(params, tiny_shards, tmp_path / run / "model.keras", tmp_path / run / "live")
         runs.append(json.loads((tmp_path / run / "live" / "metrics.json").read_text()))
     assert runs[0] == runs[1]
-    assert runs[0]["best_epoch"] == 1
+    assert runs[0]["averaged_epochs"] == [1, 1]
+    assert runs[0]["eval"]["balanced_accuracy"] == runs[0]["val_balanced_accuracy"], "the saved model's own score"
+    steps = (tmp_path / "a" / "live" / "plots" / "metrics" / "eval" / "balanced_accuracy.tsv").read_text().split()
+    assert steps[2] == "1", "epochs are counted from 1 in the curves"
     assert (tmp_path / "a" / "model.keras").exists()
     assert (tmp_path / "a" / "live" / "plots" / "metrics" / "eval" / "balanced_accuracy.tsv").exists()
     assert not list((tmp_path / "a").glob(".model*")), "no temporary model left behind"
@@ -163,7 +207,8 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
         "from stages import train\n"
-        f"train.main({str(params)!r}, {str(tiny_shards)!r}, {str(tmp_path / 'model.keras')!r}, {str(tmp_path / 'live')!r})\n"
+        f"train.main({str(params)!r}, {str(tiny_shards)!r}, {str(tmp_path / 'model.keras')!r}, "
+        f"{str(tmp_path / 'live')!r})\n"
         "print('replicas', tf.distribute.MirroredStrategy().num_replicas_in_sync)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -244,10 +289,10 @@ def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
     assert [p.name for p in model.parent.iterdir()] == ["model.keras"]
 
 
-def test_freeze_batchnorm_keeps_imagenet_statistics_in_inference_mode():
+def test_freeze_batchnorm_keeps_imagenet_statistics_in_inference_mode(imagenet_stand_in):
     import keras
 
-    model = train.build_model(32, train.TrainParams(**{**TINY_TRAIN, "freeze_batchnorm": True}))
+    model = train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "freeze_batchnorm": True}))
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and not any(layer.trainable for layer in norms)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]

@@ -1,0 +1,80 @@
+"""Cost of a training epoch by trainable depth and input size, and what a frozen-feature cache would save.
+
+    python benchmarks/epoch_cost.py [--sizes 128 160 192] [--depths conv_dw_11 conv_dw_6 all] [--out FILE]
+
+Why: the recipe (depth, input size, epochs) must fit 45 minutes on 2 CPU cores, so its cost is
+measured, not guessed. For each (depth, size) it times `train_on_batch` on a batch of 32 (after
+warm-up) and the forward pass of the frozen layers alone. With BatchNorm frozen and no dropout in
+the body, the frozen layers are a fixed function of their input: a cache of their outputs would
+save at most that forward time per step (less with on-line augmentation, which changes the input
+every epoch). `cache_speedup` = step / (step - frozen forward) is that upper bound.
+Run it alone on the machine: other work on the cores inflates every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages import train
+from stages.params import load_params
+
+STEPS_PER_EPOCH = 361  # 11,542 training images (the mirror, augment defaults) / batch 32
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    fn()  # warm-up: graph tracing, allocation
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def measure(params: train.TrainParams, size: int, repeats: int) -> dict:
+    import keras
+
+    model = train.build_model(size, params)
+    model.compile(optimizer=train.make_optimizer(params), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (params.batch_size, size, size, 3)).astype(np.float32)
+    y = rng.integers(0, 7, params.batch_size)
+    step = timed(lambda: model.train_on_batch(x, y), repeats)
+    def learns(layer) -> bool:
+        return bool(layer.weights) and not isinstance(layer, keras.layers.BatchNormalization)
+
+    frozen = [layer for layer in model.layers if learns(layer) and not layer.trainable]
+    frozen_forward = 0.0
+    if frozen:
+        first_trainable = next(i for i, layer in enumerate(model.layers) if learns(layer) and layer.trainable)
+        body = keras.Model(model.inputs, model.layers[first_trainable - 1].output)
+        frozen_forward = timed(lambda: body.predict_on_batch(x), repeats)
+    return {"trainable_from": params.trainable_from, "image_size": size, "step_s": round(step, 4),
+            "epoch_min": round(step * STEPS_PER_EPOCH / 60, 2), "frozen_forward_s": round(frozen_forward, 4),
+            "cache_speedup": round(step / max(step - frozen_forward, 1e-9), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 160, 192])
+    parser.add_argument("--depths", nargs="+", default=["conv_dw_11", "conv_dw_6", "all"])
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/epoch_cost.json"))
+    args = parser.parse_args()
+    base = load_params("train", train.TrainParams, args.params)
+    rows = []
+    for depth in args.depths:
+        for size in args.sizes:
+            rows.append(measure(dataclasses.replace(base, trainable_from=depth), size, args.repeats))
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.write_text(json.dumps({"batch_size": base.batch_size, "steps_per_epoch": STEPS_PER_EPOCH,
+                                    "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

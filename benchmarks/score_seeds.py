@@ -1,0 +1,73 @@
+"""Score the runs of benchmarks/seeds.py with evaluate's own rule: mean and sd over seeds.
+
+    python benchmarks/score_seeds.py runs/seeds [--params params.yaml]
+
+For each `seed<N>.npz`, the decision rule is chosen on validation exactly as `evaluate` does it
+(`evaluate.choose_decision`: flips as set in params, prior strength, melanoma threshold) and both
+splits are scored with it. Prints one row per seed and the mean ± sd, and writes `summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels
+from stages.inference import corrected
+from stages.params import load_params
+
+FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
+
+
+def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> dict:
+    data = np.load(npz)
+    proba = {split: data[f"{split}_{params.tta}"] for split in ("val", "test")}
+    labels = {split: data[f"{split}_labels"] for split in ("val", "test")}
+    decision = choose_decision(params, labels["val"], proba["val"], train_labels)
+    row = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold}
+    for split in ("val", "test"):
+        adjusted = corrected(proba[split], decision.class_bias)
+        metrics, _ = classification_metrics(labels[split], adjusted)
+        row[split] = {name: metrics[name] for name in FIGURES}
+        row[split]["operating_point"] = operating_point(labels[split], adjusted, decision.mel_threshold)
+        plain, _ = classification_metrics(labels[split], data[f"{split}_none"])
+        row[split]["balanced_accuracy_plain"] = plain["balanced_accuracy"]  # no flips, no correction
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/augmented"))
+    args = parser.parse_args()
+    params = load_params("evaluate", EvaluateParams, args.params)
+    train_labels = real_train_labels(args.data)
+    rows = {}
+    for npz in sorted(args.runs.glob("seed*.npz")):
+        rows[npz.stem] = score_run(npz, params, train_labels)
+        record = json.loads(npz.with_suffix(".json").read_text())
+        rows[npz.stem]["train_minutes"] = record.get("train_minutes")
+    summary = {"runs": rows}
+    for split in ("val", "test"):
+        for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity"):
+            values = [r[split][key] for r in rows.values()]
+            summary[f"{split}_{key}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
+                                         if len(values) > 1 else None, "n": len(values)}
+        values = [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()]
+        summary[f"{split}_operating_point_mel_sensitivity"] = {"mean": float(np.mean(values)), "n": len(values)}
+    (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, r in rows.items():
+        print(f"{name}: val {r['val']['balanced_accuracy']:.4f} (plain {r['val']['balanced_accuracy_plain']:.4f}) "
+              f"test {r['test']['balanced_accuracy']:.4f} (plain {r['test']['balanced_accuracy_plain']:.4f}) "
+              f"mel@op val {r['val']['operating_point']['mel_sensitivity']:.3f} "
+              f"test {r['test']['operating_point']['mel_sensitivity']:.3f} strength {r['prior_strength']}")
+    for key, value in summary.items():
+        if key != "runs":
+            print(key, value)
+
+
+if __name__ == "__main__":
+    main()

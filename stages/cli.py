@@ -1,0 +1,92 @@
+"""Running a stage: one command-line shape for every stage, and one way to report its errors.
+
+`run_stage(main)` builds the stage's command line from main()'s keyword parameters, so every
+stage takes its inputs, outputs and params file the same way, with the defaults dvc.yaml uses:
+
+    params_path            -> --params FILE      (params.yaml)
+    <what>_dir             -> --<what>-dir DIR   (a folder read or written)
+    <what>_path            -> --<what>-path FILE (a file read or written)
+    workers                -> --workers N        (default: the usable CPUs)
+
+`python -m stages.<name> --help` prints this usage and exits 0 before anything is read, written
+or imported beyond the stage's own module (TensorFlow is imported inside the functions that
+need it).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from stages.errors import StageError
+
+EXIT_STATUS = ("exit status: 0 done; 1 an error the message explains (outputs are left as they were "
+               "before this run); 130 interrupted (outputs left as they were)")
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def module_name(main: Callable[..., Any]) -> str:
+    """`stages.<name>` of main's module, also when it runs as __main__ (python -m stages.<name>)."""
+    module = sys.modules.get(main.__module__)
+    spec = getattr(module, "__spec__", None)
+    return spec.name if spec is not None else main.__module__
+
+
+def option_name(parameter: str) -> str:
+    return "--params" if parameter == "params_path" else "--" + parameter.replace("_", "-")
+
+
+def _value_type(hint: Any) -> Any:
+    """The type that parses an option's text: X for X and for X | None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def stage_parser(main: Callable[..., Any]) -> argparse.ArgumentParser:
+    """An argparse parser with one option per keyword parameter of main(), defaults included."""
+    module = sys.modules.get(main.__module__)
+    doc = inspect.cleandoc(getattr(module, "__doc__", None) or "")
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name(main)}",
+                                     description=doc.split("\n\n")[0] or None, epilog=EXIT_STATUS,
+                                     allow_abbrev=False)  # `--data` must not pass for `--data-dir`
+    hints = typing.get_type_hints(main)
+    for name, parameter in inspect.signature(main).parameters.items():
+        if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            raise TypeError(f"{module_name(main)}.main: parameter {name} cannot be an option")
+        if parameter.default is parameter.empty:
+            raise TypeError(f"{module_name(main)}.main: parameter {name} needs a default")
+        value_type = _value_type(hints.get(name, str))
+        shown = "the usable CPUs" if name == "workers" and parameter.default is None else "%(default)s"
+        metavar = {"params_path": "FILE", "workers": "N"}.get(name) or (
+            "DIR" if name.endswith("_dir") else "FILE" if name.endswith("_path") else None)
+        parser.add_argument(option_name(name), dest=name, type=value_type, default=parameter.default,
+                            metavar=metavar, help=f"default: {shown}")
+    return parser
+
+
+def run_stage(main: Callable[..., None], argv: Sequence[str] | None = None) -> None:
+    """Parse the command line into main()'s parameters and run it.
+
+    Usage errors exit 2 (argparse); user errors print one clear line and exit 1, not a traceback.
+    """
+    args = stage_parser(main).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    try:
+        main(**vars(args))
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # disk full, permissions...: the outputs are still the previous ones
+        print(f"error: {err} (outputs left as they were before this run)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: outputs left as they were before this run", file=sys.stderr)
+        sys.exit(130)

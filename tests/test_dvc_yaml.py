@@ -1,0 +1,306 @@
+"""dvc.yaml as a DVC user meets it: few metrics, plots that are right and render, registry entries.
+
+- The declared metrics files hold at most 80 figures in all (what `dvc metrics show`, `dvc exp
+  show` and a pull request's metrics diff display).
+- Every plot in dvc.yaml renders, from the specs DVC itself fills (`dvc plots show --json`), to an
+  image with vl-convert (no browser), on small files in the formats the stages write; the
+  normalised confusion matrix's rows (true classes) sum to 1; curves have one colour per class
+  and a chance line; no plot is drawn twice.
+- `artifacts:` names the Keras and TFLite models, and `dvc artifacts get` fetches one from a
+  repository's remote.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages import evaluate, gradcam, report
+from stages.classes import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+TEMPLATES = ROOT / ".dvc" / "plots"
+MAX_FIGURES = 80
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+
+def declared_metrics() -> list[str]:
+    paths = [next(iter(m)) if isinstance(m, dict) else m for m in DVC_YAML.get("metrics", [])]
+    for stage in DVC_YAML["stages"].values():
+        paths += [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+    return paths
+
+
+def figures(value) -> int:
+    """Numeric leaves of a JSON value (booleans are not figures)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, (int, float)):
+        return 1
+    if isinstance(value, dict):
+        return sum(figures(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(figures(v) for v in value)
+    return 0
+
+
+def test_declared_metrics_hold_at_most_80_figures():
+    counts = {path: figures(json.loads((ROOT / path).read_text(encoding="utf-8"))) for path in declared_metrics()}
+    assert "metrics/test.json" in counts and "metrics/val.json" in counts
+    assert sum(counts.values()) <= MAX_FIGURES, f"{sum(counts.values())} figures declared as metrics: {counts}"
+
+
+def test_test_metrics_keep_per_class_recall_for_the_seven_classes():
+    test = json.loads((ROOT / "metrics" / "test.json").read_text(encoding="utf-8"))
+    assert list(test["per_class"]) == list(CLASSES)
+    assert all("recall" in figures_ for figures_ in test["per_class"].values())
+
+
+def test_subgroups_and_data_counts_are_plain_outputs_not_metrics():
+    assert "metrics/data.json" not in declared_metrics()
+    assert not any("subgroups" in path for path in declared_metrics())
+    summary = json.loads((ROOT / "metrics" / "report" / "summary.json").read_text(encoding="utf-8"))
+    assert "subgroups" not in summary
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+def plot_definitions() -> dict[str, dict]:
+    """Top-level plots: id -> properties (a bare path has none)."""
+    result = {}
+    for entry in DVC_YAML["plots"]:
+        if isinstance(entry, str):
+            result[entry] = {}
+        else:
+            (name, props), = entry.items()
+            result[name] = props or {}
+    return result
+
+
+def sources(props: dict) -> list[tuple[str, str]]:
+    y = props.get("y", {})
+    return sorted((path, field) for path, fields in y.items()
+                  for field in ([fields] if isinstance(fields, str) else fields))
+
+
+def test_no_plot_is_drawn_twice():
+    for name, stage in DVC_YAML["stages"].items():
+        assert "plots" not in stage, f"stage {name} declares plots: the top-level plots draw every file once"
+    seen = {}
+    for name, props in plot_definitions().items():
+        key = (props.get("template"), tuple(sources(props)) or name)
+        assert key not in seen, f"{name!r} draws what {seen[key]!r} draws"
+        seen[key] = name
+
+
+def test_validation_plots_come_first_and_test_plots_say_so():
+    names = list(plot_definitions())
+    kinds = ["test" if "test" in n.lower() or "gradcam" in n else "other" for n in names]
+    assert kinds == sorted(kinds, key=lambda k: k == "test"), f"validation/training plots first: {names}"
+    for name, props in plot_definitions().items():
+        paths = " ".join(path for path, _ in sources(props)) or name
+        if "/test/" in paths or "report/" in paths:
+            assert name.startswith("Test:") or "test images" in _comment_of(name), name
+
+
+def _comment_of(name: str) -> str:
+    for line in (ROOT / "dvc.yaml").read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith(f"- {name}"):
+            return line
+    return ""
+
+
+def test_templates_named_in_dvc_yaml_exist():
+    builtin = {"simple", "linear", "confusion", "confusion_normalized", "scatter", "scatter_jitter", "smooth",
+               "bar_horizontal_sorted", "bar_horizontal"}
+    for name, props in plot_definitions().items():
+        template = props.get("template")
+        assert template is None or template in builtin or (TEMPLATES / f"{template}.json").is_file(), name
+
+
+def test_curve_templates_colour_by_class_and_draw_a_chance_line():
+    for name in ("roc_by_class", "precision_recall_by_class"):
+        spec = json.loads((TEMPLATES / f"{name}.json").read_text(encoding="utf-8"))
+        curves, chance = spec["layer"][1], spec["layer"][0]
+        assert curves["encoding"]["color"]["field"] == "class"
+        assert curves["encoding"]["color"]["scale"]["domain"] == list(CLASSES), "each class keeps its colour"
+        assert curves["encoding"]["strokeDash"]["field"] == "rev", "revisions differ by dashes, not colours"
+        assert chance["mark"]["strokeDash"], "the chance line is dashed"
+
+
+def write_plot_data(repo: Path) -> None:
+    """Every file dvc.yaml's plots read, small, in the format its stage writes."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(CLASSES)), 6)
+    proba = rng.dirichlet(np.ones(len(CLASSES)), len(labels))
+    proba[np.arange(len(labels)) % 3 != 0] += 2 * np.eye(len(CLASSES))[labels[np.arange(len(labels)) % 3 != 0]]
+    proba /= proba.sum(axis=1, keepdims=True)
+    ids = np.array([f"ISIC_{i:04d}" for i in range(len(labels))])
+    for split in ("val", "test"):
+        folder = repo / "metrics" / "plots" / split
+        folder.mkdir(parents=True)
+        (folder / "predictions.csv").write_text(evaluate.predictions_table(ids, labels, proba))
+        (folder / "roc.csv").write_text(evaluate.roc_table(labels, proba))
+        (folder / "precision_recall.csv").write_text(evaluate.pr_table(labels, proba))
+    live = repo / "metrics" / "train" / "plots" / "metrics"
+    for split, name in (("eval", "balanced_accuracy"), ("eval", "loss"), ("eval", "accuracy"), ("train", "loss"),
+                        ("train", "accuracy"), ("train", "learning_rate")):
+        (live / split).mkdir(parents=True, exist_ok=True)
+        slope = 0.04 if split == "train" else 0.02
+        (live / split / f"{name}.tsv").write_text(f"step\t{name}\n" + "".join(
+            f"{epoch}\t{0.5 + slope * epoch:.4f}\n" for epoch in range(1, 6)))
+    report_dir = repo / "metrics" / "report"
+    (report_dir / "gradcam").mkdir(parents=True)
+    confidence = proba.max(axis=1)
+    table = report.calibration_table(confidence, proba.argmax(axis=1) == labels, 5)
+    (report_dir / "calibration.csv").write_text(report.calibration_csv(table))
+    image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for dx in CLASSES[:2]:
+        (report_dir / "gradcam" / f"{dx}.png").write_bytes(gradcam.contact_sheet(
+            dx, {"correct": [(image, np.zeros((8, 8)), ["x"])], "wrong": []}, 1))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, dict]:
+    """A throwaway repo with this dvc.yaml's plots and templates: DVC's filled specs, rendered."""
+    import vl_convert
+
+    repo = tmp_path_factory.mktemp("plots")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=ENV)
+    (repo / ".dvc" / "plots").mkdir()
+    for template in TEMPLATES.glob("*.json"):
+        (repo / ".dvc" / "plots" / template.name).write_bytes(template.read_bytes())
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": DVC_YAML["plots"]}, sort_keys=False))
+    write_plot_data(repo)
+    done = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=repo, check=True, env=ENV,
+                          capture_output=True, text=True)
+    shown = json.loads(done.stdout)["data"]
+    images = {}
+    for name, entries in shown.items():
+        for entry in entries:
+            if entry["type"] == "vega":
+                images[name] = (entry["content"], vl_convert.vegalite_to_png(entry["content"], vl_version="5.21"))
+    return repo, {"shown": shown, "images": images}
+
+
+def test_every_plot_renders_to_an_image(rendered):
+    from PIL import Image
+
+    _, result = rendered
+    vega_plots = [name for name in plot_definitions() if name != "metrics/report/gradcam"]
+    assert sorted(result["images"]) == sorted(vega_plots)
+    for name, (_, png) in result["images"].items():
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.width > 300 and image.height > 200, name
+    gradcam_entries = [n for n in result["shown"] if n.startswith("metrics/report/gradcam/")]
+    assert len(gradcam_entries) == 2, "one image entry per contact sheet"
+
+
+def text_marks(node, found=None) -> list[dict]:
+    """(role, items) of every text mark group in a vega scenegraph."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        if node.get("marktype") == "text":
+            found.append(node)
+        for value in node.values():
+            text_marks(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            text_marks(value, found)
+    return found
+
+
+def test_normalised_confusion_rows_are_true_classes_and_sum_to_one(rendered):
+    import vl_convert
+
+    _, result = rendered
+    for name in plot_definitions():
+        if plot_definitions()[name].get("template") != "confusion_normalized_by_true_class":
+            continue
+        spec = result["images"][name][0]
+        graph = vl_convert.vegalite_to_scenegraph(spec, vl_version="5.21")["scenegraph"]
+        marks = text_marks(graph)
+        titles = [item["text"] for m in marks if m.get("role") == "axis-title" for item in m["items"]]
+        assert "true class" in titles and "predicted class" in titles
+        y_labels = next(m for m in marks if m.get("role") == "axis-label" and m["items"][0]["x"] < 0)
+        row_of = {item["y"]: item["text"] for item in y_labels["items"]}
+        assert sorted(row_of.values()) == list(CLASSES)
+        cells = [item for m in marks if m.get("role") == "mark" for item in m["items"]]
+        by_row: dict[str, float] = {}
+        for cell in cells:
+            row = row_of[min(row_of, key=lambda y: abs(y - cell["y"]))]
+            by_row[row] = by_row.get(row, 0.0) + float(cell["text"])
+        assert set(by_row) == set(CLASSES)
+        for row, total in by_row.items():
+            assert total == pytest.approx(1.0, abs=0.04), f"{name}: row {row} sums to {total}"
+        # the same shares by hand: the diagonal is each true class's recall
+        predictions = next(p for p, _ in sources(plot_definitions()[name]))
+        import pandas as pd
+
+        table = pd.read_csv(rendered[0] / predictions)
+        recall = (table["actual"] == table["predicted"]).groupby(table["actual"]).mean()
+        diagonal = {row_of[min(row_of, key=lambda y: abs(y - c["y"]))]: float(c["text"]) for c in cells
+                    if abs(c["x"] - c["y"]) < 1}
+        assert diagonal == pytest.approx(recall.round(2).to_dict(), abs=0.011)
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts
+# --------------------------------------------------------------------------------------------
+def test_artifacts_name_the_keras_and_tflite_models():
+    artifacts = DVC_YAML["artifacts"]
+    paths = {a["path"] for a in artifacts.values()}
+    assert paths == {"models/model.keras", "models/model_float16.tflite", "models/model_int8.tflite"}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in DVC_YAML["stages"].values() for o in s.get("outs", [])}
+    assert paths <= outs, "every artifact is a stage's output, so dvc.lock pins it"
+    for name, artifact in artifacts.items():
+        assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"], name
+        assert "not a medical device" in artifact["desc"].lower(), name
+
+
+def test_dvc_artifacts_get_fetches_a_model_from_the_remote(tmp_path):
+    """As README says: a repository with a remote; `dvc artifacts get <repo> <name>` downloads the file."""
+    repo, storage = tmp_path / "repo", tmp_path / "storage"
+    repo.mkdir()
+
+    def run(*cmd, cwd=repo):
+        subprocess.run(cmd, cwd=cwd, check=True, env=ENV, capture_output=True)
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", str(storage))
+    (repo / "models").mkdir()
+    (repo / "models" / "model.keras").write_bytes(b"weights" * 100)
+    run(sys.executable, "-m", "dvc", "add", "models/model.keras")
+    name = next(n for n, a in DVC_YAML["artifacts"].items() if a["path"] == "models/model.keras")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {name: DVC_YAML["artifacts"][name]}}))
+    run(sys.executable, "-m", "dvc", "push", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "model")
+    # a registered version: an annotated tag, as `gto register` or DVC Studio writes it
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", f"{name}@v1.0.0", "-m", "v1.0.0")
+    out = tmp_path / "fetched.keras"
+    run(sys.executable, "-m", "dvc", "artifacts", "get", str(repo), name, "--rev", "v1.0.0", "-o", str(out),
+        cwd=tmp_path)
+    assert out.read_bytes() == b"weights" * 100
+
+
+def test_the_offline_page_inlines_vega_instead_of_loading_it_from_a_cdn(rendered, tmp_path):
+    repo, _ = rendered
+    script = ROOT / ".ci" / "plots_offline.py"
+    done = subprocess.run([sys.executable, str(script), "show", "-o", str(tmp_path / "page")], cwd=repo, env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "page" / "index.html").read_text(encoding="utf-8")
+    assert "window.vegaEmbed=" in page and "vegaEmbed('#" in page
+    assert "<script src=" not in page, "nothing is loaded from the network"
