@@ -1,23 +1,45 @@
 """Stage `export`: the trained Keras model as TensorFlow Lite files, checked against it on test.
 
 Writes models/model_float16.tflite (weights stored as float16, computed in float32) and
-models/model_int8.tflite (full-integer: weights and activations int8, calibrated on a seeded
-sample of the training split), and metrics/export.json: for each model its balanced accuracy on
-the test split, its top-1 agreement with the Keras model there, and its file size in bytes.
+models/model_int8.tflite (int8 weights, per channel, and int8 activations, calibrated on a seeded
+sample of `representative_images` *real* training images: augment's synthetic '+aug' copies are
+left out; op types in `int8_float_ops` stay float32), and metrics/export.json: for each model its
+balanced accuracy on the test split, its top-1 agreement with the Keras model there (all through
+the decision rule evaluate chose on validation, models/decision.json: the same test-time flips and
+class-prior correction, by inference.predict_proba and inference.corrected), its file size in
+bytes and, for each .tflite file, its latency (median ms per image, batch of one, one CPU thread).
 
 Why it is done this way (TensorFlow 2.21, Keras 3):
 - Conversion starts from a tf.function that calls the model with training=False at a fixed input
   signature. `model.export(..., format="tf_saved_model")` does not work here: its serving graph
   keeps RandomFlip's random ops, which TFLite's builtin ops cannot run.
 - Both files keep the Keras model's interface: float32 RGB pixels 0..255 at the trained size in,
-  7 float32 probabilities out. In the int8 file every op is int8 (TFLITE_BUILTINS_INT8 only: an
-  op that cannot be quantised fails the conversion instead of silently staying float); only its
-  input and output are quantised/dequantised at the edges. So one scoring path serves all three.
+  7 float32 probabilities out, quantised/dequantised at the edges of the int8 file. So one
+  scoring path serves all three.
+- Where int8 loses precision, measured with TFLite's quantisation debugger (int8_layer_errors;
+  benchmarks/int8_fidelity.py) on the 128 px model of issue 12 (all layers trained, BatchNorm
+  frozen with ImageNet statistics), on the 1,287 test images: with every op int8, agreement is
+  0.925 (200 calibration images, '+aug' copies included), 0.926 (200 real), 0.930 (1,000 real).
+  The worst layers are depthwise convolutions: conv_dw_1 errs by 2.8 quantisation steps RMS,
+  conv_dw_3 by 1.6 (rounding alone: 0.29), then conv_pw_1..3 (1.2-1.5). The cause: ImageNet's
+  BatchNorm statistics, kept frozen, hold near-zero variances (down to 4e-35), so folding
+  gamma / sqrt(var) into the weights multiplies some channels by 30-46; a depthwise channel reads
+  one input channel through 9 weights and amplifies its input's int8 rounding by that much,
+  where a pointwise convolution averages it over hundreds of channels. Keeping float32 (op
+  types / layers -> agreement, size, ms/image): nothing 0.930, 3.53 MB, 1.37; SOFTMAX 0.930;
+  FULLY_CONNECTED + SOFTMAX 0.929; the first convolution 0.925; DEPTHWISE_CONV_2D 0.964, 3.55 MB,
+  1.45; the 2 worst layers 0.966, 3.53 MB; the 6 worst 0.975, 6.7 MB, 2.2 ms; the 12 worst 0.978,
+  9.5 MB, 3.0 ms; int8 weights with float activations (dynamic range) 0.961, 3.40 MB, 2.9 ms;
+  float16 0.997, 6.45 MB, 3.9-4.0 ms. Default: `int8_float_ops: [DEPTHWISE_CONV_2D]` (an op type
+  holds across retraining, where layer names picked by error would not), 1,000 real images.
+  Without a float op (`int8_float_ops: []`) every op must be int8 (TFLITE_BUILTINS_INT8 only: an
+  op that cannot be quantised fails the conversion instead of silently staying float).
 - The files are run with `tf.lite.Interpreter`, which TF 2.21 still ships (with a deprecation
   warning pointing to the separate ai-edge-litert package, which is not a dependency here).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +50,9 @@ import numpy as np
 from stages.cli import run_stage
 from stages.errors import StageError
 from stages.files import atomic_write_bytes, atomic_write_json
+from stages.inference import Decision, corrected, predict_proba
 from stages.params import PARAMS_FILE, in_range, load_params
-from stages.progress import track
+from stages.progress import Progress
 from stages.shards import read_index, read_shards
 
 log = logging.getLogger("stages.export")
@@ -37,14 +60,35 @@ log = logging.getLogger("stages.export")
 
 @dataclass(frozen=True)
 class ExportParams:
-    representative_images: int   # training images that calibrate the int8 ranges
+    representative_images: int   # real training images (no '+aug' copy) that calibrate the int8 ranges
     seed: int                    # which training images those are
     batch_size: int              # images per inference call when checking on test
+    int8_float_ops: list[str] = dataclasses.field(default_factory=list)  # TFLite op types kept float32
+    latency_runs: int = 50       # timed single-image runs per file (median reported)
 
     def __post_init__(self) -> None:
         in_range("representative_images", self.representative_images, 1)
         in_range("seed", self.seed, 0)
         in_range("batch_size", self.batch_size, 1)
+        in_range("latency_runs", self.latency_runs, 1)
+        unknown = [op for op in self.int8_float_ops if op not in INT8_FLOAT_OPS]
+        if unknown:
+            raise ValueError(f"int8_float_ops: unknown op {unknown[0]!r} (known: {', '.join(INT8_FLOAT_OPS)})")
+
+
+# TFLite op types of this model that may be kept in float32 inside the int8 file.
+INT8_FLOAT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "ADD", "MUL")
+
+
+SYNTHETIC_MARK = "+aug"  # augment's oversampled copies: image_id "<real id>+aug<k>"
+
+
+def real_images(images: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """The training images that are real photos, not augment's synthetic copies (ids with '+aug')."""
+    real = np.array([SYNTHETIC_MARK not in str(image_id) for image_id in image_ids], dtype=bool)
+    if not real.any():
+        raise StageError(f"no real training image to calibrate int8 on (every image_id holds '{SYNTHETIC_MARK}')")
+    return images[real]
 
 
 def representative_sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -75,39 +119,121 @@ def to_float16(model, image_size: int) -> bytes:
     return conv.convert()
 
 
-def to_int8(model, image_size: int, calibration: np.ndarray) -> bytes:
-    """Full-integer int8, activation ranges from `calibration`; float32 input and output."""
-    import tensorflow as tf
-
+def one_at_a_time(images: np.ndarray):
+    """A TFLite representative/debug dataset: each image as a float32 batch of one."""
     def batches() -> Iterator[list[np.ndarray]]:
-        for image in calibration:
+        for image in images:
             yield [image[None].astype(np.float32)]
+    return batches
+
+
+def int8_converter(model, image_size: int, calibration: np.ndarray):
+    import tensorflow as tf
 
     conv = converter(model, image_size)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = batches
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.representative_dataset = one_at_a_time(calibration)
+    return conv
+
+
+def to_int8(model, image_size: int, calibration: np.ndarray, float_ops: tuple[str, ...] = (),
+            float_nodes: tuple[str, ...] = ()) -> bytes:
+    """Int8 weights and activations (per-channel weights), ranges from `calibration`; float32
+    input and output. Every op is int8 unless its type is in `float_ops` (TFLite op names, e.g.
+    "SOFTMAX") or its output tensor in `float_nodes`: those stay float32 (the quantisation
+    debugger's selective quantisation), with quantize/dequantize ops around them."""
+    import tensorflow as tf
+
+    conv = int8_converter(model, image_size, calibration)
+    if not float_ops and not float_nodes:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # a float op fails loudly
+        return conv.convert()
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(float_ops), denylisted_nodes=list(float_nodes), fully_quantize=False)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(calibration[:1]),
+                                                         debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def int8_layer_errors(model, image_size: int, calibration: np.ndarray, images: np.ndarray):
+    """TFLite's quantisation debugger on `images`: per quantised tensor, the error of its int8
+    value against the float value computed from the same int8 inputs, as a table with
+    `rmse/scale` (RMS error in quantisation steps: ~0.29 is pure rounding, more is lost precision),
+    sorted worst first."""
+    import io
+
+    import pandas as pd
+    import tensorflow as tf
+
+    conv = int8_converter(model, image_size, calibration)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(images))
+    debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    table = pd.read_csv(buffer)
+    table["rmse/scale"] = np.sqrt(table["mean_squared_error"]) / table["scale"]
+    return table.sort_values("rmse/scale", ascending=False).reset_index(drop=True)
+
+
+def to_dynamic_range(model, image_size: int) -> bytes:
+    """Int8 weights, float32 activations (quantised on the fly): no calibration."""
+    import tensorflow as tf
+
+    conv = converter(model, image_size)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
     return conv.convert()
 
 
-def tflite_predict(model_bytes: bytes, images: np.ndarray, batch_size: int, what: str = "tflite") -> np.ndarray:
-    """Probabilities from a .tflite model, `batch_size` images per call (progress: stages/progress.py)."""
-    import tensorflow as tf
+class TFLiteModel:
+    """A .tflite file as a callable batch -> probabilities, for inference.predict_proba."""
 
-    interpreter = tf.lite.Interpreter(model_content=model_bytes)
-    source = interpreter.get_input_details()[0]["index"]
-    target = interpreter.get_output_details()[0]["index"]
-    parts, shape = [], None
-    for start in track(range(0, len(images), batch_size), -(-len(images) // batch_size), what, "batches", log):
-        batch = images[start:start + batch_size].astype(np.float32)
-        if batch.shape != shape:  # every batch but a shorter last one reuses the allocation
-            interpreter.resize_tensor_input(source, batch.shape)
-            interpreter.allocate_tensors()
-            shape = batch.shape
-        interpreter.set_tensor(source, batch)
-        interpreter.invoke()
-        parts.append(interpreter.get_tensor(target).copy())
-    return np.concatenate(parts)
+    def __init__(self, model_bytes: bytes, num_threads: int | None = None, progress: Progress | None = None):
+        import tensorflow as tf
+
+        self.interpreter = tf.lite.Interpreter(model_content=model_bytes, num_threads=num_threads)
+        self.source = self.interpreter.get_input_details()[0]["index"]
+        self.target = self.interpreter.get_output_details()[0]["index"]
+        self.shape = None
+        self.progress = progress
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape != self.shape:  # every batch but a shorter last one reuses the allocation
+            self.interpreter.resize_tensor_input(self.source, batch.shape)
+            self.interpreter.allocate_tensors()
+            self.shape = batch.shape
+        self.interpreter.set_tensor(self.source, batch)
+        self.interpreter.invoke()
+        if self.progress is not None:
+            self.progress.update(len(batch))
+        return self.interpreter.get_tensor(self.target).copy()
+
+
+def latency_ms(model_bytes: bytes, image: np.ndarray, runs: int = 50) -> float:
+    """Median milliseconds per image on one CPU thread, batch of one, after 5 warm-up runs."""
+    import time
+
+    run = TFLiteModel(model_bytes, num_threads=1)
+    batch = image[None].astype(np.float32)
+    for _ in range(5):
+        run(batch)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def tflite_predict(model_bytes: bytes, images: np.ndarray, batch_size: int, what: str = "tflite",
+                   tta: str = "none") -> np.ndarray:
+    """Probabilities from a .tflite model through inference.predict_proba (with `tta`),
+    `batch_size` images per call (progress: stages/progress.py)."""
+    views = 4 if tta == "flips" else 1
+    with Progress(len(images) * views, what, "images", log) as progress:
+        return predict_proba(TFLiteModel(model_bytes, progress=progress), images, tta=tta, batch_size=batch_size)
 
 
 def compare(labels: np.ndarray, reference: np.ndarray, proba: np.ndarray, size_bytes: int) -> dict:
@@ -122,34 +248,42 @@ def compare(labels: np.ndarray, reference: np.ndarray, proba: np.ndarray, size_b
     }
 
 
-def export(model, model_size: int, train_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-           params: ExportParams) -> tuple[dict[str, bytes], dict]:
+def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarray, test_images: np.ndarray,
+           test_labels: np.ndarray, params: ExportParams, decision: Decision) -> tuple[dict[str, bytes], dict]:
     """Convert to both formats and score everything on test: ({format: file bytes}, metrics).
 
-    The Keras model is scored by the same rule (its agreement with itself is 1 by definition), so
-    the three rows of `dvc metrics show` line up.
+    Every model goes through the stored decision rule (inference.predict_proba with its test-time
+    flips, then inference.corrected): the files are compared as users get their answers, and the
+    Keras row's balanced accuracy is evaluate's test figure (its agreement with itself is 1 by
+    definition), so the three rows of `dvc metrics show` line up; each .tflite file also
+    gets its latency (median ms per image, batch of one, one CPU thread).
     """
     image_size = int(model.input_shape[1])
-    calibration = representative_sample(train_images, params.representative_images, params.seed)
-    reference = model.predict(test_images.astype(np.float32), batch_size=params.batch_size, verbose=0)
+    calibration = representative_sample(real_images(train_images, train_ids), params.representative_images,
+                                        params.seed)
+    reference = corrected(predict_proba(model, test_images, decision.tta, params.batch_size), decision.class_bias)
     metrics = {
         "test_images": int(len(test_labels)),
         "representative_images": int(len(calibration)),
+        "int8_float_ops": list(params.int8_float_ops),
         "keras": compare(test_labels, reference, reference, model_size),
     }
-    files = {"float16": to_float16(model, image_size), "int8": to_int8(model, image_size, calibration)}
+    files = {"float16": to_float16(model, image_size),
+             "int8": to_int8(model, image_size, calibration, tuple(params.int8_float_ops))}
     for name in files:
-        proba = tflite_predict(files[name], test_images, params.batch_size, f"{name} on test")
-        metrics[name] = compare(test_labels, reference, proba, len(files[name]))
-        log.info("%s: %d bytes, agreement with Keras %.4f, balanced accuracy %.4f (Keras %.4f)", name,
-                 len(files[name]), metrics[name]["agreement"], metrics[name]["balanced_accuracy"],
-                 metrics["keras"]["balanced_accuracy"])
+        proba = corrected(tflite_predict(files[name], test_images, params.batch_size, f"{name} on test", decision.tta),
+                          decision.class_bias)
+        metrics[name] = {**compare(test_labels, reference, proba, len(files[name])),
+                         "latency_ms": round(latency_ms(files[name], test_images[0], params.latency_runs), 3)}
+        log.info("%s: %d bytes, %.2f ms/image (1 thread), agreement with Keras %.4f, balanced accuracy %.4f "
+                 "(Keras %.4f)", name, len(files[name]), metrics[name]["latency_ms"], metrics[name]["agreement"],
+                 metrics[name]["balanced_accuracy"], metrics["keras"]["balanced_accuracy"])
     return files, metrics
 
 
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),
          model_path: Path = Path("models/model.keras"), out_dir: Path = Path("models"),
-         metrics_path: Path = Path("metrics/export.json")) -> None:
+         metrics_path: Path = Path("metrics/export.json"), decision_path: Path = Path("models/decision.json")) -> None:
     import keras
 
     params = load_params("export", ExportParams, params_path)
@@ -161,9 +295,11 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
     if tuple(model.input_shape[1:]) != (size, size, 3):
         raise StageError(f"{model_path} takes {model.input_shape[1:]}, but {data_dir} holds {size}x{size} images "
                          f"(re-run: dvc repro train)")
-    train_images, _, _ = read_shards(data_dir, "train")
+    decision = Decision.load(Path(decision_path))
+    train_images, _, train_ids = read_shards(data_dir, "train")
     test_images, test_labels, _ = read_shards(data_dir, "test")
-    files, metrics = export(model, model_path.stat().st_size, train_images, test_images, test_labels, params)
+    files, metrics = export(model, model_path.stat().st_size, train_images, train_ids, test_images, test_labels,
+                            params, decision)
     for name, data in files.items():
         atomic_write_bytes(Path(out_dir) / f"model_{name}.tflite", data)
     atomic_write_json(Path(metrics_path), metrics)

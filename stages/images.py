@@ -5,6 +5,7 @@ MAX_IMAGE_PIXELS is the one pixel limit: every decoder in the project refuses la
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -20,10 +21,20 @@ class ImageError(StageError):
 
 
 def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Decode `path` fully into an RGB PIL image, or raise ImageError saying what is wrong.
+    """Decode `path` fully into an upright 8-bit RGB PIL image, or raise ImageError saying what is
+    wrong. Empty, truncated, non-image and oversized files are errors. Valid files become what a
+    plain upright 8-bit RGB file of the same picture would give, by these rules (docs/faults.md):
 
-    Greyscale, CMYK, palette and RGBA images are converted to RGB (the documented rule); empty,
-    truncated, non-image and oversized files are errors.
+    - EXIF orientation: applied (a photo stored sideways with an Orientation tag comes out upright,
+      as viewers show it). An unreadable EXIF block is ignored: the pixels are used as stored.
+    - 16 bits per channel: scaled to 8 bits by the high byte (v >> 8, so 257 * k -> k): 16-bit
+      greyscale (Pillow modes I;16, I;16B, I;16L, and I, which holds 0-65535 for 16-bit PNG, PGM,
+      TIFF) here, 48/64-bit RGB(A) PNGs by Pillow itself the same way. Mode I values outside
+      0-65535 and floating-point pixels (mode F) have no defined 8-bit scale: ImageError.
+    - Transparency (RGBA, LA, PA, a palette or a single colour marked transparent): composited
+      onto white, as a viewer on a white page shows it; fully transparent pixels become white
+      (255, 255, 255), half transparent ones are blended.
+    - Greyscale, CMYK, palette: converted to RGB (greyscale as three equal channels).
     """
     from PIL import Image
 
@@ -44,7 +55,7 @@ def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
                         f"{max_pixels:,} (possible decompression bomb)"
                     )
                 img.load()  # raises on truncated data
-                return img.convert("RGB")
+                return _upright_rgb(img, path)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -53,6 +64,32 @@ def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
         raise ImageError(f"{path}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _upright_rgb(img, path: Path):
+    """open_rgb's rules (see there) on a loaded image: orientation, 16 bits, transparency, RGB."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
+        pass  # unreadable EXIF: no orientation to apply, the pixels are still good
+    if img.mode == "F":
+        raise ImageError(f"{path}: floating-point pixels (mode F) have no defined 8-bit scale")
+    if img.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(img).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ImageError(f"{path}: {img.mode} pixel values {pixels.min()}..{pixels.max()} are outside "
+                             "0-65535 (no defined 8-bit scale)")
+        img = Image.fromarray((pixels >> 8).astype(np.uint8))  # 2-D uint8: mode L
+    if img.mode in TRANSPARENT_MODES or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_square(img, size: int) -> np.ndarray:

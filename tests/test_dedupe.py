@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -127,9 +128,11 @@ def test_exact_copy_with_another_dx_excludes_every_copy(tmp_path, table):
 
 # --------------------------------------------------------------------------------------------
 # Near duplicates: pHash proposes, pixels prove. Copies are re-encoded at JPEG quality 75 (the
-# originals: 90), on images big enough (64x48) for that to change them as little as a photo.
+# originals: 90), on images as big as the mirror's (192x144 ~ 200x150), so that re-encoding
+# changes them as little as it changes a photo.
 # --------------------------------------------------------------------------------------------
-NEAR = {"size": (64, 48)}
+NEAR = {"size": (192, 144)}
+EVIDENCE = r"colour-fit residual 0\.\d{3} <= 0\.140, phash distance \d+"
 
 
 def reencode(source: str, target: str, transform=None):
@@ -140,7 +143,7 @@ def test_reencoded_copy_is_a_near_duplicate_and_merges_lesions(tmp_path, table):
     out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024308"), **NEAR)
     near = out.duplicates[out.duplicates["kind"] == "near"]
     assert near[["image_id", "duplicate_of"]].values.tolist() == [["ISIC_0024308", "ISIC_0024306"]]
-    assert re.fullmatch(r"phash distance \d+, mean abs diff \d\.\d\d", near["evidence"].iloc[0])
+    assert re.fullmatch(EVIDENCE, near["evidence"].iloc[0])
     assert len(out.images) == 28  # a near duplicate never deletes an image
     groups = out.images.set_index("image_id")["lesion_group"]
     assert groups["ISIC_0024306"] == groups["ISIC_0024308"] == "HAM_0000000+HAM_0000001"
@@ -166,12 +169,92 @@ def test_near_duplicate_with_another_dx_excludes_both(tmp_path, table):
     out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024310"), **NEAR)
     why = reasons(out)
     assert why["ISIC_0024306"] == why["ISIC_0024310"]
-    assert why["ISIC_0024310"].startswith("same image, different dx: near duplicates (phash distance")
+    assert re.match(rf"same image, different dx: near duplicates \({EVIDENCE}\): ISIC_0024306 \(akiec\), "
+                    r"ISIC_0024310 \(bcc\)$", why["ISIC_0024310"])
 
 
 def test_near_duplicates_can_be_switched_off(tmp_path, table):
     out = run(tmp_path, table, edit=reencode("ISIC_0024306", "ISIC_0024308"), near_duplicates=False, **NEAR)
     assert out.duplicates.empty and out.report["lesion_groups"] == 14
+
+
+# Re-processed copies: the same photograph with other colour processing (HAM10000 holds such
+# pairs under two lesion ids). The original spans levels 50-200, as photos rarely touch 0 or 255;
+# the copy is changed in colour, then re-encoded at JPEG quality 75.
+COLOUR_CHANGES = {
+    "colour-shifted": lambda x: x + [20, -10, 15],
+    "white-balanced": lambda x: x * [1.15, 1.0, 0.85],
+    "contrast-stretched": lambda x: (x - 125) * 1.4 + 125,
+    "brightened": lambda x: x + 40,
+    "brightened-by-gain": lambda x: x * 1.2,
+    "darkened": lambda x: x * 0.7,
+    "gamma": lambda x: 255 * (x / 255) ** 0.75,
+}
+
+
+def colour_copy(source: str, target: str, change, size=NEAR["size"]):
+    def edit(raw):
+        pixels = np.asarray(image_pixels(source, size), dtype=np.float64) * 150 / 255 + 50
+        image_path(raw, source).write_bytes(jpeg_bytes(Image.fromarray(np.round(pixels).astype(np.uint8)), 90))
+        changed = np.clip(np.round(change(pixels)), 0, 255).astype(np.uint8)
+        image_path(raw, target).write_bytes(jpeg_bytes(Image.fromarray(changed), 75))
+    return edit
+
+
+@pytest.mark.parametrize("change", list(COLOUR_CHANGES.values()), ids=list(COLOUR_CHANGES))
+def test_copy_with_other_colour_processing_is_a_near_duplicate(tmp_path, table, change):
+    out = run(tmp_path, table, edit=colour_copy("ISIC_0024306", "ISIC_0024308", change), **NEAR)
+    near = out.duplicates[out.duplicates["kind"] == "near"]
+    assert near[["image_id", "duplicate_of"]].values.tolist() == [["ISIC_0024308", "ISIC_0024306"]]
+    assert re.fullmatch(EVIDENCE, near["evidence"].iloc[0])
+    groups = out.images.set_index("image_id")["lesion_group"]
+    assert groups["ISIC_0024306"] == groups["ISIC_0024308"] == "HAM_0000000+HAM_0000001"
+
+
+def lookalike(image_id: str, size=NEAR["size"]) -> Image.Image:
+    """One shared layout (the same smooth pattern for every image) + this image's own fine
+    detail: different pictures whose pHashes are nearly equal, like two naevi in one vignette."""
+    layout = np.asarray(image_pixels("layout", size), dtype=np.float64)
+    rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+    detail = Image.fromarray(rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8))
+    detail = np.asarray(detail.resize(size, Image.Resampling.BICUBIC), dtype=np.float64) - 128
+    return Image.fromarray(np.clip(layout * 0.7 + 40 + detail * 20 / 128, 0, 255).astype(np.uint8))
+
+
+def test_different_images_with_near_phashes_are_not_merged(tmp_path, table):
+    look_alikes = ["ISIC_0024306", "ISIC_0024308", "ISIC_0024310", "ISIC_0024312"]  # 4 lesions
+
+    def edit(raw):
+        for image_id in look_alikes:
+            image_path(raw, image_id).write_bytes(jpeg_bytes(lookalike(image_id)))
+    out = run(tmp_path, table, edit=edit, **NEAR)
+    # The premise: pHash proposes every pair of them (within the default 6 bits) ...
+    scans = [dedupe.scan_image(image_path(tmp_path / "raw", i), 10**6) for i in look_alikes]
+    pairs = dedupe.candidate_pairs(dedupe.phashes(np.stack([scan.thumb for scan in scans])), 6)
+    assert len(pairs.drop_duplicates(["i", "j"])) == 6
+    residuals = dedupe.colour_fit_residuals(np.stack([scan.colour for scan in scans]), pairs)
+    assert residuals.min() > 0.2  # ... and the pixels refuse them all, with a margin
+    assert out.duplicates.empty and out.excluded.empty and out.report["lesion_groups"] == 14
+
+
+def test_colour_fit_residual_ignores_linear_colour_changes_only():
+    colours = np.stack([np.asarray(image_pixels(f"ISIC_{i}", (64, 64))) for i in range(3)])
+    pixels = colours[0].astype(np.float64)
+    changed = {
+        "affine per channel": pixels * [0.6, 0.9, 0.7] + [30, 10, 60],
+        "inverted": 255 - pixels,
+        "flat red channel": np.concatenate([np.full((64, 64, 1), 128.0), pixels[..., 1:]], axis=2),
+    }
+    stack = np.concatenate([colours, np.stack([np.round(c).astype(np.uint8) for c in changed.values()])])
+    pairs = pd.DataFrame({"i": [0, 0, 0, 0, 0], "j": [3, 4, 5, 1, 2], "symmetry": 0})
+    same, inverted, flat_red, other, another = dedupe.colour_fit_residuals(stack, pairs)
+    assert same < 0.01                        # rounding to 8 bits only
+    assert inverted == pytest.approx(1.0)     # a negative gain proves nothing
+    assert 0.3 < flat_red < 0.35              # a flat channel counts as unexplained (1/3)
+    assert min(other, another) > 0.5          # unrelated patterns
+    flipped = np.concatenate([colours[:1], dedupe.transform_pixels(colours[:1], 5)])  # rotated 90
+    moved = pd.DataFrame({"i": [0], "j": [1], "symmetry": [6]})  # its inverse: rotating anticlockwise
+    assert dedupe.colour_fit_residuals(flipped, moved)[0] < 1e-3  # float32 rounding
 
 
 def test_phash_of_a_flipped_image_is_the_matching_symmetry_hash():
@@ -304,9 +387,9 @@ def test_metadata_with_rules_applied_in_memory():
     ({"near_duplicate": False}, r"unknown key dedupe.near_duplicate \(known keys: near_duplicates, "),
     ({"phash_max_distance": "6"}, r"dedupe.phash_max_distance must be int, got '6'"),
     ({"near_duplicates": "yes"}, r"dedupe.near_duplicates must be bool, got 'yes'"),
-    ({"max_mean_abs_difference": None}, r"dedupe.max_mean_abs_difference must be float, got None"),
+    ({"max_colour_fit_residual": None}, r"dedupe.max_colour_fit_residual must be float, got None"),
     ({"phash_max_distance": 65}, r"dedupe: phash_max_distance must be in \[0, 64\], got 65"),
-    ({"max_mean_abs_difference": -1}, r"dedupe: max_mean_abs_difference must be in \[0, 255\], got -1.0"),
+    ({"max_colour_fit_residual": -1}, r"dedupe: max_colour_fit_residual must be in \[0, 1\], got -1.0"),
 ], ids=["unknown-key", "wrong-type", "string-for-bool", "null", "hash-bits", "negative"])
 def test_bad_params_stop_the_stage_before_it_reads_any_image(tmp_path, previous_clean, values, message):
     params = write_params(tmp_path / "params.yaml", dedupe=values)

@@ -11,13 +11,27 @@ import pytest
 from stages import export
 from stages.classes import CLASSES
 from stages.errors import ParamError, StageError
+from stages.inference import Decision, predict_proba
 from stages.params import load_params
 from stages.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model
 
-EXPORT = {"representative_images": 20, "seed": 3, "batch_size": 16}  # 16: the last test batch is short
+EXPORT = {"representative_images": 500, "seed": 3, "batch_size": 16,  # 16: the last test batch is short
+          "latency_runs": 3}
+
+
+def mark_synthetic_copies(shards: Path) -> None:
+    """Rename every third training image of each shard 'ISIC_x+aug1', as augment names its copies."""
+    for path in sorted(shards.glob("train-*.npz")):
+        with np.load(path) as z:
+            arrays = dict(z)
+        ids = arrays["image_ids"].astype(object)
+        ids[2::3] = [f"{i}+aug1" for i in ids[2::3]]
+        arrays["image_ids"] = ids.astype(str)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +39,12 @@ def exported(tmp_path_factory) -> Path:
     """One run of the stage on tiny shards and a tiny model (conversion takes seconds)."""
     folder = tmp_path_factory.mktemp("export")
     shards = make_shards(folder / "augmented")
+    mark_synthetic_copies(shards)
     tiny_model(read_shards(shards, "train")[0]).save(folder / "model.keras")
     params = write_params(folder / "params.yaml", export=EXPORT)
-    export.main(params, shards, folder / "model.keras", folder / "models", folder / "metrics" / "export.json")
+    Decision("flips", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
+    export.main(params, shards, folder / "model.keras", folder / "models", folder / "metrics" / "export.json",
+                folder / "decision.json")
     return folder
 
 
@@ -43,25 +60,32 @@ def test_representative_sample_is_seeded_distinct_and_capped():
 def test_both_files_are_written_smaller_and_checked_on_test(exported):
     metrics = json.loads((exported / "metrics" / "export.json").read_text())
     keras_size = (exported / "model.keras").stat().st_size
-    assert metrics["test_images"] == 4 * len(CLASSES) and metrics["representative_images"] == 20
+    assert metrics["test_images"] == 4 * len(CLASSES)
+    ids = read_shards(exported / "augmented", "train")[2]
+    real = sum("+aug" not in i for i in ids)
+    assert 0 < real < len(ids) and metrics["representative_images"] == real, "calibrated on real images only"
     assert (metrics["keras"]["agreement"], metrics["keras"]["size_bytes"]) == (1.0, keras_size)
+    assert set(metrics["keras"]) == {"balanced_accuracy", "agreement", "size_bytes"}
     for name in ("float16", "int8"):
         path = exported / "models" / f"model_{name}.tflite"
-        assert set(metrics[name]) == set(metrics["keras"]) == {"balanced_accuracy", "agreement", "size_bytes"}
+        assert set(metrics[name]) == {"balanced_accuracy", "agreement", "size_bytes", "latency_ms"}
         assert metrics[name]["size_bytes"] == path.stat().st_size < keras_size
         assert 0 <= metrics[name]["agreement"] <= 1 and 0 <= metrics[name]["balanced_accuracy"] <= 1
+        assert 0 < metrics[name]["latency_ms"] < 1000
     assert metrics["int8"]["size_bytes"] < metrics["float16"]["size_bytes"]
     assert not list(exported.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
 def test_float16_agrees_wherever_the_keras_model_is_decisive(exported):
     """An untrained tiny net amplifies float16 rounding (probabilities move by ~0.03), so near-ties
-    may flip; a clear top class must not. The metric must match a count made here."""
+    may flip; a clear top class must not. The metric must match a count made here, through the
+    stored decision rule (here: test-time flips)."""
     import keras
 
     images, _, _ = read_shards(exported / "augmented", "test")
-    reference = keras.saving.load_model(exported / "model.keras").predict(images.astype(np.float32), verbose=0)
-    proba = export.tflite_predict((exported / "models" / "model_float16.tflite").read_bytes(), images, 16)
+    reference = predict_proba(keras.saving.load_model(exported / "model.keras"), images, tta="flips")
+    proba = export.tflite_predict((exported / "models" / "model_float16.tflite").read_bytes(), images, 16,
+                                  tta="flips")
     agree = proba.argmax(axis=1) == reference.argmax(axis=1)
     top_two = np.sort(reference, axis=1)[:, -2:]
     decisive = top_two[:, 1] - top_two[:, 0] > 0.05
@@ -70,18 +94,47 @@ def test_float16_agrees_wherever_the_keras_model_is_decisive(exported):
     assert metrics["float16"]["agreement"] == pytest.approx(agree.mean()) and agree.mean() >= 0.8
 
 
-def test_int8_file_is_integer_inside_with_the_keras_models_interface(exported):
+def output_dtypes(model_bytes: bytes) -> dict[str, set]:
+    """TFLite op type -> the dtypes of its outputs, over the whole file."""
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_path=str(exported / "models" / "model_int8.tflite"))
+    interpreter = tf.lite.Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    kinds: dict[str, set] = {}
+    for op in interpreter._get_ops_details():
+        kinds.setdefault(op["op_name"], set()).update(tensors[i]["dtype"] for i in op["outputs"] if i in tensors)
+    return kinds
+
+
+def test_int8_file_is_integer_inside_but_the_default_float_ops_with_the_keras_models_interface(exported):
+    """The stage with the repo's params: int8_float_ops [DEPTHWISE_CONV_2D]."""
+    import tensorflow as tf
+
+    data = (exported / "models" / "model_int8.tflite").read_bytes()
+    interpreter = tf.lite.Interpreter(model_content=data)
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert (source["dtype"], tuple(source["shape_signature"])) == (np.float32, (-1, 32, 32, 3))
     assert (target["dtype"], tuple(target["shape_signature"])) == (np.float32, (-1, len(CLASSES)))
+    float_ops = load_params("export", export.ExportParams, exported / "params.yaml").int8_float_ops
+    assert json.loads((exported / "metrics" / "export.json").read_text())["int8_float_ops"] == float_ops
+    kinds = output_dtypes(data)
+    for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX"):
+        assert kinds[op] == ({np.float32} if op in float_ops else {np.int8}), op
+    images = read_shards(exported / "augmented", "test")[0][:5]
+    proba = export.tflite_predict(data, images, batch_size=2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=0.02)
+
+
+def test_int8_without_float_ops_is_integer_everywhere_but_the_edges(tmp_path):
+    import tensorflow as tf
+
+    images = read_shards(make_shards(tmp_path / "augmented"), "train")[0]
+    interpreter = tf.lite.Interpreter(model_content=export.to_int8(tiny_model(images), 32, images[:20]))
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert source["dtype"] == target["dtype"] == np.float32
     floats = [t["name"] for t in interpreter.get_tensor_details() if t["dtype"] == np.float32]
     assert sorted(floats) == sorted([source["name"], target["name"]]), "only the edges are float"
-    images = read_shards(exported / "augmented", "test")[0][:5]
-    proba = export.tflite_predict((exported / "models" / "model_int8.tflite").read_bytes(), images, batch_size=2)
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=0.02)
 
 
 def test_params_are_checked_before_any_work(tmp_path):
@@ -100,3 +153,47 @@ def test_missing_model_and_size_mismatch_are_clear_errors(exported, tmp_path):
     with pytest.raises(StageError, match="48x48"):
         export.main(params, bigger, exported / "model.keras", tmp_path, tmp_path / "m.json")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_calibration_uses_real_training_images_only():
+    images = np.arange(6)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    ids = np.array(["ISIC_1", "ISIC_1+aug1", "ISIC_2", "ISIC_2+aug3", "ISIC_3+aug1", "ISIC_4"])
+    assert [int(i[0, 0, 0]) for i in export.real_images(images, ids)] == [0, 2, 5]
+    with pytest.raises(StageError, match="no real training image"):
+        export.real_images(images[1:2], ids[1:2])
+
+
+def test_int8_with_float_ops_keeps_those_ops_float_and_the_rest_integer(tmp_path):
+    import tensorflow as tf
+
+    images = read_shards(make_shards(tmp_path / "augmented"), "train")[0]
+    model = tiny_model(images)
+    data = export.to_int8(model, 32, images[:20], float_ops=("FULLY_CONNECTED", "SOFTMAX"))
+    interpreter = tf.lite.Interpreter(model_content=data)
+    kinds = output_dtypes(data)
+    assert kinds["SOFTMAX"] == {np.float32} and kinds["FULLY_CONNECTED"] == {np.float32}
+    assert kinds["CONV_2D"] == kinds["DEPTHWISE_CONV_2D"] == {np.int8}
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert source["dtype"] == target["dtype"] == np.float32
+    proba = export.tflite_predict(data, images[:5], batch_size=2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)  # a float softmax sums to 1
+
+
+def test_int8_float_ops_must_be_known_op_types(tmp_path):
+    with pytest.raises(ParamError, match=r"int8_float_ops: unknown op 'softmax' \(known: CONV_2D, "):
+        load_params("export", export.ExportParams,
+                    write_params(tmp_path / "p.yaml", export={**EXPORT, "int8_float_ops": ["softmax"]}))
+
+
+def test_latency_is_a_positive_median_in_milliseconds(exported):
+    data = (exported / "models" / "model_float16.tflite").read_bytes()
+    image = read_shards(exported / "augmented", "test")[0][0]
+    assert 0 < export.latency_ms(data, image, runs=3) < 1000
+
+
+def test_quantisation_debugger_ranks_layers_by_error_in_quantisation_steps(tmp_path):
+    images = read_shards(make_shards(tmp_path / "augmented"), "train")[0]
+    table = export.int8_layer_errors(tiny_model(images), 32, images[:20], images[20:25])
+    assert {"op_name", "tensor_name", "rmse/scale"} <= set(table.columns)
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= set(table["op_name"])
+    assert table["rmse/scale"].is_monotonic_decreasing and (table["rmse/scale"] >= 0).all()

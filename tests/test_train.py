@@ -289,11 +289,74 @@ def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
     assert [p.name for p in model.parent.iterdir()] == ["model.keras"]
 
 
-def test_freeze_batchnorm_keeps_imagenet_statistics_in_inference_mode(imagenet_stand_in):
+def train_recording_batchnorm(params: dict, data_dir: Path, tmp_path: Path, monkeypatch) -> dict:
+    """Run the stage's own training (build, compile, fit, weight averaging, save) on tiny shards.
+
+    Every BatchNormalization layer starts from real moving statistics, as ImageNet's would be (not
+    Keras's 0 and 1): those of other images, set by one training-mode call with momentum 0 (as in
+    tests/tiny_model.py). Returns, per layer, the statistics before `fit`, after it, and in the
+    saved model, and whether each convolution kernel changed.
+    """
     import keras
 
-    model = train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "freeze_batchnorm": True}))
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert norms and not any(layer.trainable for layer in norms)
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert all(layer.trainable for layer in convs), "trainable_from: all still trains the convolutions"
+    built = {}
+
+    def build_and_record(image_size, train_params):
+        model = build_model(image_size, train_params)
+        others = np.random.default_rng(0).uniform(0, 255, (32, image_size, image_size, 3)).astype(np.float32)
+        flags = [(layer.momentum, layer.trainable) for layer in norms_of(model)]
+        for layer in norms_of(model):
+            layer.momentum, layer.trainable = 0.0, True  # a frozen norm would ignore training=True
+        model(others, training=True)
+        for layer, (momentum, trainable) in zip(norms_of(model), flags):
+            layer.momentum, layer.trainable = momentum, trainable
+        built["model"], built["before"] = model, statistics(model)
+        built["kernels"] = [layer.kernel.numpy().copy() for layer in convs_of(model)]
+        return model
+
+    build_model = train.build_model
+    monkeypatch.setattr(train, "build_model", build_and_record)
+    model_path = tmp_path / "model.keras"
+    train.train(train.TrainParams(**params), data_dir, model_path, tmp_path / "live")
+    saved = keras.saving.load_model(model_path)
+    return {"before": built["before"], "after": statistics(built["model"]), "saved": statistics(saved),
+            "kernels_changed": [not np.array_equal(k, layer.kernel.numpy())
+                                for k, layer in zip(built["kernels"], convs_of(built["model"]))]}
+
+
+def norms_of(model) -> list:
+    import keras
+
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def convs_of(model) -> list:
+    import keras
+
+    return [layer for layer in model.layers if type(layer) is keras.layers.Conv2D]
+
+
+def statistics(model) -> dict[str, np.ndarray]:
+    return {f"{layer.name}/{name}": getattr(layer, name).numpy().copy()
+            for layer in norms_of(model) for name in ("moving_mean", "moving_variance")}
+
+
+def test_freeze_batchnorm_keeps_moving_statistics_through_fit(imagenet_stand_in, tiny_shards, tmp_path, monkeypatch):
+    """Behaviour, not flags: with freeze_batchnorm the moving mean and variance of every
+    BatchNormalization layer are the same after `fit` (and in the saved model) as before it,
+    while the convolutions do learn (trainable_from: all)."""
+    params = {**imagenet_stand_in, "freeze_batchnorm": True, "trainable_from": "all"}
+    run = train_recording_batchnorm(params, tiny_shards, tmp_path, monkeypatch)
+    assert len(run["before"]) == 2 * 27  # MobileNet V1: 27 BatchNormalization layers
+    for key, before in run["before"].items():
+        np.testing.assert_array_equal(run["after"][key], before, err_msg=key)
+        np.testing.assert_array_equal(run["saved"][key], before, err_msg=key)
+    assert all(run["kernels_changed"]), "the convolutions still train"
+
+
+def test_unfrozen_batchnorm_moving_statistics_do_change_in_fit(imagenet_stand_in, tiny_shards, tmp_path, monkeypatch):
+    """The control for the test above: the same run with freeze_batchnorm false moves every statistic."""
+    params = {**imagenet_stand_in, "freeze_batchnorm": False, "trainable_from": "all"}
+    run = train_recording_batchnorm(params, tiny_shards, tmp_path, monkeypatch)
+    moved = [key for key, before in run["before"].items() if not np.allclose(run["after"][key], before)]
+    assert len(moved) == len(run["before"])
