@@ -51,7 +51,9 @@ def measure(params: train.TrainParams, size: int, repeats: int) -> dict:
     frozen_forward = 0.0
     if frozen:
         first_trainable = next(i for i, layer in enumerate(model.layers) if learns(layer) and layer.trainable)
-        body = keras.Model(model.inputs, model.layers[first_trainable - 1].output)
+        # The flat model re-applies MobileNet's layers, so each has two graph nodes; ours is the last.
+        last_frozen = model.layers[first_trainable - 1]._inbound_nodes[-1].output_tensors[0]
+        body = keras.Model(model.inputs, last_frozen)
         frozen_forward = timed(lambda: body.predict_on_batch(x), repeats)
     return {"trainable_from": params.trainable_from, "image_size": size, "step_s": round(step, 4),
             "epoch_min": round(step * STEPS_PER_EPOCH / 60, 2), "frozen_forward_s": round(frozen_forward, 4),
