@@ -333,7 +333,7 @@ def save_model(model, path: Path) -> None:
 
 
 def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path) -> dict:
-    """Train, select the epoch on validation, save the model; returns the selection summary."""
+    """Train, average the last epochs' weights, save the model; returns its validation summary."""
     import keras
     import tensorflow as tf
     from dvclive import Live
