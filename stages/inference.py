@@ -18,7 +18,6 @@ One module, used by `evaluate` (which chooses the correction and the threshold o
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -73,15 +72,14 @@ class Decision:
     @classmethod
     def load(cls, path: Path) -> Decision:
         from stages.errors import StageError
+        from stages.files import read_json
 
+        record = read_json(path, made_by="evaluate")
         try:
-            record = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(tta=record["tta"], class_bias=tuple(float(record["class_bias"][dx]) for dx in CLASSES),
                        prior_strength=float(record["prior_strength"]), mel_threshold=float(record["mel_threshold"]),
                        mel_sensitivity_target=float(record["mel_sensitivity_target"]))
-        except FileNotFoundError:
-            raise StageError(f"{path}: not found (run: dvc repro evaluate, or dvc pull)") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise StageError(f"{path}: not a valid decision file ({err!r}); re-run: dvc repro evaluate") from None
 
 

@@ -84,10 +84,9 @@ def predict_files(model, paths: Sequence[str], decision: Decision | None = None,
                 result["error"] = str(err).removeprefix(f"{result['image']}: ")
         if pixels:
             batch = np.stack(pixels)
-            if decision is None:
-                proba = predict_proba(model, batch, "none", batch_size)
-            else:
-                proba = corrected(predict_proba(model, batch, decision.tta, batch_size), decision.class_bias)
+            proba = predict_proba(model, batch, decision.tta if decision else "none", batch_size)
+            if decision is not None:
+                proba = corrected(proba, decision.class_bias)
             decided = None if decision is None else decide(proba, decision.mel_threshold)
             for n, (result, p) in enumerate(zip(decoded, proba)):
                 result["top"] = top_k(p, TOP)
