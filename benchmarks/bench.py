@@ -296,7 +296,7 @@ def bench_input_pipeline(repo: Path, args: argparse.Namespace) -> dict:
     model = compiled_model(params, image_size)
     first = (tf.cast(images[:batch], tf.float32), tf.constant(labels[:batch]))
     datasets = {  # repeat(): a run may outlast one pass; it adds nothing per batch
-        "train_pipeline": train.training_dataset(images, labels, batch, params.seed).repeat(),
+        "train_pipeline": train.training_dataset(images, labels, batch, params.seed, params.augmentation).repeat(),
         "in_memory": tf.data.Dataset.from_tensors(first).repeat(),
         "naive_jpeg": naive_dataset(paths, split_labels, image_size, batch, params.seed).repeat(),
         "naive_jpeg_600x450": naive_dataset(large, split_labels[:len(large)], image_size, batch,

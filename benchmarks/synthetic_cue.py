@@ -2,12 +2,14 @@
 
     python benchmarks/synthetic_cue.py --model models/model.keras [--out benchmarks/synthetic_cue.json]
 
-Why: augment gives synthetic copies (rotation, zoom, shift with mirrored margins, colour jitter,
-two resamplings) to the minority classes only; `nv` never gets any. If the model had learned
-"synthetic -> not nv", turning *real validation* images into synthetic ones with augment's own
-transform would move predictions away from `nv`: nv recall would fall and p(nv) would drop for
-every class. This script measures exactly that, per class, on validation (never test): each
-image is scored as it is (augment's plain resize) and as augment's synthetic copy of it (seeded).
+Why: with `augment.copies: synthetic`, augment gives synthetic copies (rotation, zoom, shift with
+mirrored margins, colour jitter, two resamplings) to the minority classes only; `nv` never gets
+any. If the model had learned "synthetic -> not nv", turning *real validation* images into
+synthetic ones with augment's own transform would move predictions away from `nv`: nv recall
+would fall and p(nv) would drop for every class. This script measures exactly that, per class, on
+validation (never test): each image is scored as it is (augment's plain resize) and as augment's
+synthetic copy of it (seeded, with augment's transform params whatever `copies` is set to). A model
+trained with `copies: repeat` and on-line augmentation of every class should show no such shift.
 """
 from __future__ import annotations
 

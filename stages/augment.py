@@ -4,7 +4,7 @@ Reads data/split/{train,val,test}.csv and data/raw/images/{image_id}.jpg and wri
 (the shard contract is stages/shards.py):
 
 - val and test: each image resized to `image_size`, in the CSV's order, never augmented;
-- train: each real image resized, plus synthetic copies of the minority classes, shuffled once.
+- train: each real image resized, plus copies of the minority classes' images, shuffled once.
 
 Oversampling rule, for a class with `real` training images:
 
@@ -14,10 +14,19 @@ so a class at or above the target (nv, or a minority class when the target is se
 real images only, and no class grows beyond `max_copies_per_image` images per real image (a few
 images copied a hundred times would teach the model those images, not the class).
 
-Synthetic copy k of a class is made from real image `k mod real` of a seeded shuffle of the class,
-so every source is used about equally. Its random transform is drawn from a generator seeded by
-(seed, class, k) alone, so the output is byte-identical whatever the number of worker processes.
-A copy's image_id is its source's id + "+aug<k>".
+Copy k of a class is made from real image `k mod real` of a seeded shuffle of the class, so
+every source is used about equally. A copy's image_id is its source's id + "+aug<k>". What a copy
+is depends on `copies`:
+
+- `repeat` (the recipe): the resized real image itself. Minority classes are then seen more often,
+  not differently: train augments every image of every class on-line with one random transform
+  (train.augmentation), so no pixel-level trait marks a class. Measured: with synthetic copies
+  for the minority classes only, the model learnt "looks synthetic -> not nv"
+  (benchmarks/synthetic_cue.py; docs/experiments.md).
+- `synthetic`: a random rotation, shift, zoom, flip and colour change of the real image, made
+  here at the source's resolution, with mirrored margins. Its transform is drawn from a
+  generator seeded by (seed, class, k) alone, so the output is byte-identical whatever the number
+  of worker processes. nv, never oversampled, never gets one.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -60,6 +70,8 @@ class AugmentParams:
     image_size: int               # side of the square images train and evaluate see
     target_per_class: int         # train's minority classes are oversampled up to this many
     max_copies_per_image: int     # ...but never beyond this many images per real image
+    copies: Literal["repeat", "synthetic"]  # what an oversampled copy is (module docstring)
+    # The synthetic copies' transform (unused with copies: repeat):
     rotation_degrees: float       # uniform in +-this
     shift_fraction: float         # of width and height, uniform in +-this
     zoom_fraction: float          # scale uniform in 1 +- this
@@ -80,11 +92,11 @@ class AugmentParams:
         in_range("shard_images", self.shard_images, 1)
         ranges = (self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
                   self.contrast)
-        if self.max_copies_per_image > 1 and not any(ranges):
+        if self.copies == "synthetic" and self.max_copies_per_image > 1 and not any(ranges):
             raise ValueError("rotation_degrees, shift_fraction, zoom_fraction, brightness and "
                              "contrast are all 0, so a quarter of the synthetic copies would "
                              "repeat their source exactly; set one above 0, or "
-                             "max_copies_per_image: 1 to turn oversampling off")
+                             "max_copies_per_image: 1 to turn oversampling off, or copies: repeat")
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +124,7 @@ def copy_id(source_id: str, k: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One real image, decoded once: its resized self, then the synthetic copies made from it."""
+    """One real image, decoded once: its resized self, then the copies made from it."""
 
     image_id: str
     path: Path
@@ -246,14 +258,16 @@ def adjust_colour(pixels: np.ndarray, brightness: float, contrast: float) -> np.
 
 
 def render(job: Job, params: AugmentParams) -> list[np.ndarray]:
-    """Decode one image once: the real image resized, then each synthetic copy, in output order.
+    """Decode one image once: the real image resized, then each copy, in output order.
 
     The real image goes through open_rgb + resize_square, exactly images.load_image, kept apart
     only so the decoded image also feeds the copies.
     """
     img = open_rgb(job.path)
     outputs = [resize_square(img, params.image_size)]
-    if job.copies:
+    if params.copies == "repeat":
+        outputs += [outputs[0]] * len(job.copies)
+    elif job.copies:
         source = working_copy(img, params.image_size)
         for k in job.copies:
             t = draw_transform(copy_rng(params.seed, job.label, k), params)
@@ -278,7 +292,7 @@ def job_mapper(workers: int) -> Iterator[Mapper]:
 
 
 def train_order(n: int, seed: int) -> np.ndarray:
-    """The one shuffle of train (real and synthetic mixed), so that every shard is a fair sample."""
+    """The one shuffle of train (real images and copies mixed), so that every shard is a fair sample."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_TRAIN_ORDER,)))
     return rng.permutation(n)
 
@@ -333,8 +347,8 @@ def check_files(jobs: list[Job], split_dir: Path, images_dir: Path) -> None:
 def log_oversampling(real: dict[str, int], added: dict[str, int], params: AugmentParams) -> None:
     """Per class of train: real and added images, and why a class got fewer than the target."""
     for dx in CLASSES:
-        log.info("train %-5s %5d real + %5d augmented = %5d", dx, real[dx], added[dx],
-                 real[dx] + added[dx])
+        log.info("train %-5s %5d real + %5d %s copies = %5d", dx, real[dx], added[dx],
+                 params.copies, real[dx] + added[dx])
         if real[dx] >= params.target_per_class:
             log.info("train %s: %d real images, at or above target_per_class %d: not augmented",
                      dx, real[dx], params.target_per_class)

@@ -62,6 +62,15 @@ class EvaluateParams:
             in_range("prior_strengths[]", strength, -2, 2)
 
 
+def melanoma_rates(labels: np.ndarray, decided: np.ndarray) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity of the answer "melanoma"; None where the split has no such image."""
+    is_mel, said_mel = labels == MELANOMA, decided == MELANOMA
+    positives, negatives = int(is_mel.sum()), int((~is_mel).sum())
+    sensitivity = float((said_mel & is_mel).sum() / positives) if positives else None
+    specificity = float((~said_mel & ~is_mel).sum() / negatives) if negatives else None
+    return sensitivity, specificity
+
+
 def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> tuple[dict, dict]:
     """(headline figures, per-class details) for one split, from true labels and probabilities.
 
@@ -89,8 +98,7 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> tuple[dict,
             aucs.append(auc)
         per_class[dx] = {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
                          "auc": auc, "support": int(support[k])}
-    is_mel, said_mel = labels == MELANOMA, predicted == MELANOMA
-    negatives = int((~is_mel).sum())
+    mel_sensitivity, mel_specificity = melanoma_rates(labels, predicted)
     headline = {
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "accuracy": float(accuracy_score(labels, predicted)),
@@ -98,8 +106,8 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> tuple[dict,
         "macro_auc": float(np.mean(aucs)) if aucs else None,
         "top2_accuracy": float(top_k_accuracy_score(labels, proba, k=2, labels=codes)),
         "top3_accuracy": float(top_k_accuracy_score(labels, proba, k=3, labels=codes)),
-        "mel_sensitivity": float(recall[MELANOMA]),
-        "mel_specificity": float((~said_mel & ~is_mel).sum() / negatives) if negatives else None,
+        "mel_sensitivity": mel_sensitivity,
+        "mel_specificity": mel_specificity,
         "images": int(len(labels)),
         "per_class": {dx: {"recall": figures["recall"]} for dx, figures in per_class.items()},
     }
@@ -144,11 +152,11 @@ def operating_point(labels: np.ndarray, proba: np.ndarray, mel_threshold: float)
     from sklearn.metrics import balanced_accuracy_score
 
     decided = decide(proba, mel_threshold)
-    is_mel, said_mel = labels == MELANOMA, decided == MELANOMA
+    mel_sensitivity, mel_specificity = melanoma_rates(labels, decided)
     return {
         "mel_threshold": float(mel_threshold),
-        "mel_sensitivity": float((said_mel & is_mel).sum() / max(is_mel.sum(), 1)),
-        "mel_specificity": float((~said_mel & ~is_mel).sum() / max((~is_mel).sum(), 1)),
+        "mel_sensitivity": mel_sensitivity,
+        "mel_specificity": mel_specificity,
         "balanced_accuracy": float(balanced_accuracy_score(labels, decided)),
     }
 
@@ -221,7 +229,7 @@ def predictions_table(image_ids: np.ndarray, labels: np.ndarray, proba: np.ndarr
 
 
 def real_train_labels(data_dir: Path) -> np.ndarray:
-    """Labels of the real (not synthetic) training images, from augment's index: the true class mix."""
+    """Labels of the real training images (not augment's copies), from augment's index: the true class mix."""
     split = read_index(data_dir)["splits"]["train"]
     real = {dx: split["class_counts"][dx] - split.get("augmented", {}).get(dx, 0) for dx in CLASSES}
     return np.repeat(np.arange(len(CLASSES)), [real[dx] for dx in CLASSES])

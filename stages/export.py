@@ -2,8 +2,8 @@
 
 Writes models/model_float16.tflite (weights stored as float16, computed in float32) and
 models/model_int8.tflite (int8 weights, per channel, and int8 activations, calibrated on a seeded
-sample of `representative_images` *real* training images: augment's synthetic '+aug' copies are
-left out; op types in `int8_float_ops` stay float32), and metrics/export.json: for each model its
+sample of `representative_images` distinct real training images: augment's oversampled '+aug' copies
+are left out; op types in `int8_float_ops` stay float32), and metrics/export.json: for each model its
 balanced accuracy on the test split, its top-1 agreement with the Keras model there (all through
 the decision rule evaluate chose on validation, models/decision.json: the same test-time flips and
 class-prior correction, by inference.predict_proba and inference.corrected), its file size in
@@ -80,14 +80,14 @@ class ExportParams:
 INT8_FLOAT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "ADD", "MUL")
 
 
-SYNTHETIC_MARK = "+aug"  # augment's oversampled copies: image_id "<real id>+aug<k>"
+COPY_MARK = "+aug"  # augment's oversampled copies: image_id "<real id>+aug<k>"
 
 
 def real_images(images: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """The training images that are real photos, not augment's synthetic copies (ids with '+aug')."""
-    real = np.array([SYNTHETIC_MARK not in str(image_id) for image_id in image_ids], dtype=bool)
+    """The training images that are real photos, not augment's oversampled copies (ids with '+aug')."""
+    real = np.array([COPY_MARK not in str(image_id) for image_id in image_ids], dtype=bool)
     if not real.any():
-        raise StageError(f"no real training image to calibrate int8 on (every image_id holds '{SYNTHETIC_MARK}')")
+        raise StageError(f"no real training image to calibrate int8 on (every image_id holds '{COPY_MARK}')")
     return images[real]
 
 
@@ -99,14 +99,19 @@ def representative_sample(images: np.ndarray, count: int, seed: int) -> np.ndarr
 
 
 def converter(model, image_size: int):
-    """A TFLite converter for the model in inference mode (RandomFlip and Dropout inactive)."""
+    """A TFLite converter for the model in inference mode (Dropout inactive).
+
+    No trackable object is passed: with the model as one, TF 2.21 keeps every weight as a resource
+    variable (READ_VARIABLE ops, BatchNorm not folded, int8 calibration fails); without it the
+    weights are frozen into constants. `serve` holds the model, so its variables stay alive.
+    """
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")])
     def serve(image):
         return model(image, training=False)
 
-    return tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
+    return tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()])
 
 
 def to_float16(model, image_size: int) -> bytes:

@@ -13,7 +13,12 @@ Why it looks the way it does:
 - ImageNet weights come through Keras's own download cache (`~/.keras/models/`, or
   `$KERAS_HOME/models/`), exactly as on a user's machine. The α=1.0 file trained at 224 px serves
   every input size: convolution weights do not depend on it.
-- Seeded end to end with op determinism: same params, same CPU, same metrics.
+- Every training image of every class gets the same on-line augmentation (`augmentation`: flips,
+  rotation, shift, zoom, brightness, contrast), fresh each epoch. augment's oversampled copies
+  are plain repeats, so a minority class is seen more often, not differently: nothing in the
+  pixels says "oversampled", which a model would otherwise learn as "not nv".
+- Seeded end to end with op determinism: same params, same CPU, same metrics. The on-line
+  transforms are stateless random functions of (seed, epoch, batch), so they are reproducible too.
 """
 from __future__ import annotations
 
@@ -43,6 +48,34 @@ IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """`train.augmentation`: one random transform per training image per epoch, for every class.
+
+    Geometry is one affine resampling with mirrored margins (dermoscopy has no "up"); colour is
+    contrast about the image's mean grey level, then brightness, as in augment's synthetic copies.
+    """
+
+    flip: bool                    # random horizontal and vertical flips
+    rotation_degrees: float       # uniform in +-this
+    shift_fraction: float         # of the side, uniform in +-this on each axis
+    zoom_fraction: float          # scale uniform in 1 +- this (> 1 magnifies)
+    brightness: float             # multiplier uniform in 1 +- this
+    contrast: float               # multiplier of each pixel's distance to the image's mean, 1 +- this
+
+    def __post_init__(self) -> None:
+        in_range("rotation_degrees", self.rotation_degrees, 0, 180)
+        in_range("shift_fraction", self.shift_fraction, 0, 0.5)
+        in_range("zoom_fraction", self.zoom_fraction, 0, 0.5, hi_open=True)
+        in_range("brightness", self.brightness, 0, 0.9)
+        in_range("contrast", self.contrast, 0, 0.9)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip or self.rotation_degrees or self.shift_fraction or self.zoom_fraction
+                    or self.brightness or self.contrast)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     seed: int
     weights: Literal["imagenet", "none"]
@@ -58,7 +91,7 @@ class TrainParams:
     average_last_epochs: int      # the saved weights are the mean over the last this many epochs
     batch_size: int
     class_weight: Literal["balanced", "none"]
-    random_flip: bool
+    augmentation: Augmentation
     distribution: Literal["default", "mirrored", "multi_worker"]
 
     def __post_init__(self) -> None:
@@ -117,10 +150,7 @@ def build_model(image_size: int, params: TrainParams):
         input_shape=(image_size, image_size, 3), alpha=params.alpha, include_top=False, weights=weights
     )
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    if params.random_flip:
-        x = keras.layers.RandomFlip("horizontal_and_vertical", seed=params.seed, name="random_flip")(x)
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_mobilenet")(x)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_mobilenet")(inputs)
     for layer in body.layers[1:]:
         x = layer(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -213,20 +243,86 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {k: float(w) for k, w in enumerate(weights)}
 
 
-def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-    """Shuffled batches of float32 pixels: indices are shuffled (not images), batches gathered."""
+def affine_transforms(seed, batch: int, side: int, augmentation: Augmentation):
+    """One random flip/rotation/shift/zoom per image, as ImageProjectiveTransformV3 rows.
+
+    Row (a0, a1, a2, b0, b1, b2, 0, 0) maps output pixel (x, y) to input point
+    (a0 x + a1 y + a2, b0 x + b1 y + b2): about the centre, A = R(angle) diag(fx, fy) / zoom,
+    then the shift. `seed` is a stateless seed (shape [2]); the draws depend on nothing else.
+    """
+    import tensorflow as tf
+
+    angle_seed, zoom_seed, shift_x_seed, shift_y_seed, flip_x_seed, flip_y_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 6))
+
+    def uniform(draw_seed, width):
+        return tf.random.stateless_uniform([batch], draw_seed, -width, width)
+
+    def sign(draw_seed):
+        if not augmentation.flip:
+            return tf.ones([batch])
+        return tf.where(tf.random.stateless_uniform([batch], draw_seed) < 0.5, -1.0, 1.0)
+
+    angle = uniform(angle_seed, augmentation.rotation_degrees * np.pi / 180)
+    zoom = 1 + uniform(zoom_seed, augmentation.zoom_fraction)
+    shift_x = uniform(shift_x_seed, augmentation.shift_fraction) * side
+    shift_y = uniform(shift_y_seed, augmentation.shift_fraction) * side
+    fx, fy = sign(flip_x_seed), sign(flip_y_seed)
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    a0, a1, b0, b1 = cos * fx, -sin * fy, sin * fx, cos * fy
+    c = (side - 1) / 2
+    a2 = c - a0 * c - a1 * c - shift_x
+    b2 = c - b0 * c - b1 * c - shift_y
+    zeros = tf.zeros([batch])
+    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+
+def augment_batch(images, seed, augmentation: Augmentation):
+    """A batch of float32 pixels in [0, 255], each image transformed at random (Augmentation)."""
+    import tensorflow as tf
+
+    batch, side = tf.shape(images)[0], images.shape[1]
+    geometry, colour = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    images = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=affine_transforms(geometry, batch, side, augmentation),
+        output_shape=tf.shape(images)[1:3], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    brightness_seed, contrast_seed = tf.unstack(tf.random.experimental.stateless_split(colour, 2))
+
+    def factor(draw_seed, width):
+        return 1 + tf.random.stateless_uniform([batch, 1, 1, 1], draw_seed, -width, width)
+
+    brightness = factor(brightness_seed, augmentation.brightness)
+    contrast = factor(contrast_seed, augmentation.contrast)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    return tf.clip_by_value(((images - mean) * contrast + mean) * brightness, 0.0, 255.0)
+
+
+def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                     augmentation: Augmentation | None = None):
+    """Shuffled batches of float32 pixels, augmented on-line when `augmentation` is active.
+
+    Indices are shuffled (not images) and batches gathered. Each batch is paired with a stateless
+    seed from a seeded random stream that is re-drawn every epoch, so each epoch sees new
+    transforms, reproducibly.
+    """
     import tensorflow as tf
 
     images_t = tf.constant(images)
     labels_t = tf.constant(labels)
+    augment = augmentation is not None and augmentation.active
 
-    def gather(idx):
-        return tf.cast(tf.gather(images_t, idx), tf.float32), tf.gather(labels_t, idx)
+    def gather(idx, batch_seed):
+        batch = tf.cast(tf.gather(images_t, idx), tf.float32)
+        if augment:
+            batch = augment_batch(batch, batch_seed, augmentation)
+        return batch, tf.gather(labels_t, idx)
 
+    indices = (tf.data.Dataset.range(len(images))
+               .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+               .batch(batch_size))
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     return (
-        tf.data.Dataset.range(len(images))
-        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
+        tf.data.Dataset.zip(indices, seeds)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -278,7 +374,9 @@ def epoch_callback(val_images: np.ndarray, val_labels: np.ndarray, params: Train
     first_averaged = params.epochs - params.average_last_epochs  # 0-based epoch index
 
     class ScoreAndAverage(keras.callbacks.Callback):
-        average = WeightAverage()
+        def __init__(self) -> None:
+            super().__init__()
+            self.average = WeightAverage()
 
         def on_epoch_end(self, epoch, logs=None):
             scores = validation_scores(self.model, val_images, val_labels, params.batch_size)
@@ -356,7 +454,7 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
     with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live, stop_on_ctrl_c(model) as stopped:
         live.step = 1  # epochs are counted from 1 in the curves, as in the logs
         model.fit(
-            training_dataset(train_images, train_labels, params.batch_size, params.seed),
+            training_dataset(train_images, train_labels, params.batch_size, params.seed, params.augmentation),
             epochs=params.epochs,
             class_weight=class_weights(train_labels, params.class_weight),
             callbacks=[epoch_callback(val_images, val_labels, params), DVCLiveCallback(live=live)],

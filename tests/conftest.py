@@ -17,8 +17,18 @@ TINY_TRAIN = {
     "seed": 1, "weights": "none", "alpha": 0.25, "trainable_from": "all", "freeze_batchnorm": False, "dropout": 0.1,
     "optimizer": "adam", "learning_rate": 0.01, "warmup_epochs": 0,
     "min_learning_rate": 0.0001, "epochs": 1, "average_last_epochs": 1, "batch_size": 16, "class_weight": "balanced",
-    "random_flip": True, "distribution": "default",
+    "distribution": "default",
+    "augmentation": {"flip": True, "rotation_degrees": 180, "shift_fraction": 0.05, "zoom_fraction": 0.1,
+                     "brightness": 0.1, "contrast": 0.1},
 }
+
+
+def train_params(**change):
+    """TINY_TRAIN with `change`, checked as the stage checks params.yaml's `train` section."""
+    from stages.params import from_dict
+    from stages.train import TrainParams
+
+    return from_dict(TrainParams, {**TINY_TRAIN, **change}, "train")
 
 
 def make_shards(folder: Path, size: int = 32, per_class: dict[str, int] | None = None, seed: int = 0) -> Path:

@@ -25,6 +25,7 @@ PARAMS = {
     "image_size": 32,
     "target_per_class": 5,
     "max_copies_per_image": 3,
+    "copies": "synthetic",
     "rotation_degrees": 180,
     "shift_fraction": 0.05,
     "zoom_fraction": 0.1,
@@ -157,6 +158,19 @@ def test_copies_keep_the_source_label_and_differ_from_it(project):
     assert copies == 4
 
 
+def test_repeated_copies_are_the_resized_real_image_and_ignore_the_transform_params(project):
+    still = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0)
+    out = project.run(copies="repeat", **still)  # no transform needed: not refused
+    images, labels, ids = read_shards(out, "train")
+    copies = [i for i in ids if "+aug" in i]
+    assert len(copies) == 4  # the same plan as synthetic copies
+    for image, label, image_id in zip(images, labels, ids):
+        assert label == project.label_of(source_id(image_id))
+        np.testing.assert_array_equal(image, project.source(source_id(image_id)))
+    plan = read_index(project.run("synthetic"))["splits"]["train"]["augmented"]
+    assert read_index(out)["splits"]["train"]["augmented"] == plan
+
+
 def test_sources_are_used_about_equally(project):
     _, _, ids = read_shards(project.run(target_per_class=8, max_copies_per_image=10), "train")
     mel = set(project.tables["train"].query("dx == 'mel'")["image_id"])
@@ -213,7 +227,7 @@ def test_half_turn_equals_both_flips_and_identity_is_a_plain_resize():
     ("seed", -1), ("image_size", 16), ("image_size", 1024), ("image_size", "big"),
     ("target_per_class", 0), ("max_copies_per_image", 0), ("rotation_degrees", 200),
     ("shift_fraction", -0.1), ("zoom_fraction", 1.0), ("brightness", 1.5), ("contrast", -0.2),
-    ("shard_images", 0), ("colour_jitter", 0.1),
+    ("shard_images", 0), ("colour_jitter", 0.1), ("copies", "mirror"),
 ])
 def test_bad_params_are_refused_naming_the_key(project, key, value):
     with pytest.raises(ParamError, match=key):

@@ -51,6 +51,18 @@ def test_metrics_match_scikit_learn_and_hand_counts():
     assert m["images"] == 10
 
 
+def test_melanoma_rates_are_none_where_a_split_has_no_such_image():
+    """The argmax figures and the operating point share one rule: no melanoma, no sensitivity (not 0)."""
+    no_mel = LABELS != 4
+    proba = hand_made_proba()[no_mel]
+    headline, _ = evaluate.classification_metrics(LABELS[no_mel], proba)
+    point = evaluate.operating_point(LABELS[no_mel], proba, mel_threshold=0.5)
+    assert headline["mel_sensitivity"] is None and point["mel_sensitivity"] is None
+    assert headline["mel_specificity"] == pytest.approx(6 / 7) == point["mel_specificity"]
+    only_mel = LABELS == 4
+    assert evaluate.melanoma_rates(LABELS[only_mel], PREDICTED[only_mel]) == (pytest.approx(2 / 3), None)
+
+
 def test_top_k_counts_the_true_class_among_the_k_most_probable():
     labels = np.array([0, 1])
     proba = np.array([[0.3, 0.5, 0.2, 0, 0, 0, 0], [0.5, 0.1, 0.4, 0, 0, 0, 0]])

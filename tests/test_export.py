@@ -107,6 +107,13 @@ def output_dtypes(model_bytes: bytes) -> dict[str, set]:
     return kinds
 
 
+def test_weights_are_frozen_into_the_files_with_batchnorm_folded(exported):
+    """No variable reads left in either file: they would keep BatchNorm unfolded and break int8 calibration."""
+    for name in ("model_float16.tflite", "model_int8.tflite"):
+        ops = set(output_dtypes((exported / "models" / name).read_bytes()))
+        assert not ops & {"READ_VARIABLE", "VAR_HANDLE", "RSQRT", "BATCH_MATMUL"}, (name, ops)
+
+
 def test_int8_file_is_integer_inside_but_the_default_float_ops_with_the_keras_models_interface(exported):
     """The stage with the repo's params: int8_float_ops [DEPTHWISE_CONV_2D]."""
     import tensorflow as tf

@@ -13,7 +13,7 @@ from stages import evaluate, gradcam, report, train
 from stages.classes import CLASS_NAMES, CLASSES
 from stages.errors import ParamError
 from stages.params import load_params
-from tests.conftest import TINY_TRAIN, make_shards
+from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 
 TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "calibration_bins": 5, "age_bands": [30, 60],
@@ -50,7 +50,7 @@ def test_gradcam_finds_the_evidence_for_the_class_asked():
 def test_gradcam_on_mobilenet_has_the_input_size_and_unit_range(tmp_path):
     import keras
 
-    train.build_model(32, train.TrainParams(**TINY_TRAIN)).save(tmp_path / "model.keras")
+    train.build_model(32, train_params()).save(tmp_path / "model.keras")
     model = keras.saving.load_model(tmp_path / "model.keras")  # as the stage gets it
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     heat = gradcam.gradcam(model, images, np.array([0, 4, 6]))
@@ -202,7 +202,7 @@ def write_stage_inputs(root: Path) -> dict[str, Path]:
     source_path.parent.mkdir()
     source_path.write_text(json.dumps(SOURCE))
     model_path = root / "model.keras"
-    model = train.build_model(32, train.TrainParams(**TINY_TRAIN))
+    model = train.build_model(32, train_params())
     names = [layer.name for layer in model.layers]
     for layer in model.layers[:names.index("conv_pw_12")]:  # frozen as trainable_from: conv_pw_12 would
         layer.trainable = False

@@ -17,11 +17,11 @@ import pytest
 from stages import train
 from stages.classes import CLASSES
 from stages.errors import ParamError, StageError
-from stages.params import load_params
-from tests.conftest import TINY_TRAIN, make_shards
+from stages.params import from_dict, load_params
+from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 
-PARAMS = train.TrainParams(**TINY_TRAIN)
+PARAMS = train_params()
 ROOT = Path(__file__).resolve().parents[1]
 PREVIOUS_MODEL = b"the previous run's model"
 
@@ -45,7 +45,7 @@ def imagenet_stand_in(monkeypatch):
 
 
 def test_layers_before_trainable_from_are_frozen(imagenet_stand_in):
-    model = train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "trainable_from": "conv_dw_12"}))
+    model = train.build_model(32, train_params(**{**imagenet_stand_in, "trainable_from": "conv_dw_12"}))
     names = [layer.name for layer in model.layers]
     first = names.index("conv_dw_12")
     assert not any(layer.trainable for layer in model.layers[:first] if layer.weights)
@@ -54,7 +54,7 @@ def test_layers_before_trainable_from_are_frozen(imagenet_stand_in):
 
 def test_unknown_trainable_from_names_the_key(imagenet_stand_in):
     with pytest.raises(ParamError, match="train.trainable_from.*conv_dw_99"):
-        train.build_model(32, train.TrainParams(**{**imagenet_stand_in, "trainable_from": "conv_dw_99"}))
+        train.build_model(32, train_params(**{**imagenet_stand_in, "trainable_from": "conv_dw_99"}))
 
 
 def test_image_size_below_mobilenet_minimum_is_refused():
@@ -88,7 +88,7 @@ def test_epochs_are_scored_on_validation_and_the_last_epochs_weights_averaged():
 
     all_nv = weights_predicting([5] * 10)
     finds_mel = weights_predicting([5, 5, 5, 5, 4, 4, 4, 4, 4, 4])
-    params = train.TrainParams(**{**TINY_TRAIN, "epochs": 3, "average_last_epochs": 2, "batch_size": 4})
+    params = train_params(epochs=3, average_last_epochs=2, batch_size=4)
     callback = train.epoch_callback(features, val_labels, params)
     callback.set_model(model)
     logs_seen = []
@@ -105,8 +105,8 @@ def test_epochs_are_scored_on_validation_and_the_last_epochs_weights_averaged():
 
 
 def test_learning_rate_warms_up_then_decays_on_a_cosine():
-    params = train.TrainParams(**{**TINY_TRAIN, "epochs": 5, "warmup_epochs": 1, "learning_rate": 0.01,
-                                  "min_learning_rate": 0.0001})
+    params = train_params(epochs=5, warmup_epochs=1, learning_rate=0.01,
+                                  min_learning_rate=0.0001)
     schedule = train.learning_rate_schedule(params, steps_per_epoch=10)
     rates = [float(schedule(step)) for step in range(0, 51)]
     assert rates[0] == pytest.approx(0.001)          # learning_rate / 10
@@ -167,7 +167,9 @@ def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkey
     ({"weights": "imagenet", "alpha": 0.3}, "alpha must be one of"),
     ({"optimizer": "rmsprop"}, "train.optimizer must be one of"),
     ({"dropout": 1.5}, "dropout must be in"),
-], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout"])
+    ({"augmentation": {**TINY_TRAIN["augmentation"], "rotation_degrees": 270}}, "rotation_degrees must be in"),
+    ({"augmentation": {**TINY_TRAIN["augmentation"], "hue": 0.1}}, "unknown key train.augmentation.hue"),
+], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout", "rotation", "augmentation-key"])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, **change})
     with pytest.raises(ParamError, match=message):
@@ -317,7 +319,7 @@ def train_recording_batchnorm(params: dict, data_dir: Path, tmp_path: Path, monk
     build_model = train.build_model
     monkeypatch.setattr(train, "build_model", build_and_record)
     model_path = tmp_path / "model.keras"
-    train.train(train.TrainParams(**params), data_dir, model_path, tmp_path / "live")
+    train.train(from_dict(train.TrainParams, params, "train"), data_dir, model_path, tmp_path / "live")
     saved = keras.saving.load_model(model_path)
     return {"before": built["before"], "after": statistics(built["model"]), "saved": statistics(saved),
             "kernels_changed": [not np.array_equal(k, layer.kernel.numpy())
@@ -360,3 +362,77 @@ def test_unfrozen_batchnorm_moving_statistics_do_change_in_fit(imagenet_stand_in
     run = train_recording_batchnorm(params, tiny_shards, tmp_path, monkeypatch)
     moved = [key for key, before in run["before"].items() if not np.allclose(run["after"][key], before)]
     assert len(moved) == len(run["before"])
+
+# --------------------------------------------------------------------------------------------
+# On-line augmentation: the same random transform for every image of every class
+# --------------------------------------------------------------------------------------------
+NO_AUGMENTATION = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0)
+
+
+def epochs_of(dataset, epochs: int = 2) -> list[np.ndarray]:
+    """The images of each pass over `dataset`, one array per epoch."""
+    return [np.concatenate([images.numpy() for images, _ in dataset]) for _ in range(epochs)]
+
+
+def random_images(n: int = 24, side: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+
+
+def test_flips_alone_give_exact_flipped_copies_of_the_images():
+    images = random_images()
+    augmentation = train_params(augmentation={"flip": True, **NO_AUGMENTATION}).augmentation
+    dataset = train.training_dataset(images, np.arange(len(images)), 8, seed=3, augmentation=augmentation)
+    seen = {flip: 0 for flip in [(1, 1), (1, -1), (-1, 1), (-1, -1)]}
+    for batch, labels in dataset:
+        for image, label in zip(batch.numpy(), labels.numpy()):
+            source = images[label].astype(np.float32)
+            flips = [flip for flip in seen if np.array_equal(image, source[::flip[0], ::flip[1]])]
+            assert flips, "not a flip of its source"
+            seen[flips[0]] += 1
+    assert all(seen.values()), f"every flip occurs: {seen}"
+
+
+def test_without_augmentation_the_batches_are_the_images_themselves():
+    images = random_images()
+    augmentation = train_params(augmentation={"flip": False, **NO_AUGMENTATION}).augmentation
+    for batch, labels in train.training_dataset(images, np.arange(len(images)), 8, seed=3, augmentation=augmentation):
+        np.testing.assert_array_equal(batch.numpy(), images[labels.numpy()].astype(np.float32))
+
+
+def test_geometry_fills_margins_by_reflection_and_colour_stays_in_range():
+    plain = np.broadcast_to(np.array([200, 120, 40], np.uint8), (16, 32, 32, 3)).copy()
+    augmentation = train_params(augmentation={**TINY_TRAIN["augmentation"], "brightness": 0,
+                                              "contrast": 0}).augmentation
+    batch = next(iter(train.training_dataset(plain, np.zeros(16, int), 16, seed=3, augmentation=augmentation)))[0]
+    np.testing.assert_allclose(batch.numpy(), plain.astype(np.float32), atol=1e-3)  # no black corners
+    bright = train_params(augmentation={**TINY_TRAIN["augmentation"], "brightness": 0.9, "contrast": 0.9})
+    batch = next(iter(train.training_dataset(random_images(), np.zeros(24, int), 24, 3, bright.augmentation)))[0]
+    assert 0 <= batch.numpy().min() and batch.numpy().max() <= 255
+
+
+def test_half_turn_matrix_maps_each_pixel_to_its_opposite():
+    """The affine row for a 180-degree turn, no flip, zoom or shift: (x, y) -> (side-1-x, side-1-y)."""
+    import tensorflow as tf
+
+    augmentation = train.Augmentation(flip=False, rotation_degrees=180, shift_fraction=0, zoom_fraction=0,
+                                      brightness=0, contrast=0)
+    rows = train.affine_transforms(tf.constant([1, 2], tf.int64), 4000, 32, augmentation).numpy()
+    angles = np.arctan2(rows[:, 3], rows[:, 0])
+    half_turn = rows[np.argmax(np.abs(angles))]  # the draw nearest to +-180 degrees
+    np.testing.assert_allclose(half_turn[[0, 1, 3, 4]], [-1, 0, 0, -1], atol=0.01)
+    np.testing.assert_allclose(half_turn[[2, 5]], [31, 31], atol=0.2)
+    assert np.abs(np.degrees(angles)).max() <= 180 and np.abs(np.degrees(angles)).min() < 1  # uniform in +-180
+
+
+def test_augmentation_is_seeded_and_fresh_each_epoch():
+    images = np.repeat(random_images(1), 24, axis=0)  # one image: the shuffle cannot make a difference
+    augmentation = train_params().augmentation
+
+    def dataset(seed):
+        return train.training_dataset(images, np.zeros(len(images), int), 8, seed, augmentation)
+
+    first, second = epochs_of(dataset(3)), epochs_of(dataset(3))
+    np.testing.assert_array_equal(first[0], second[0])  # same seed: the same transforms
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], first[1])        # a new epoch: new transforms
+    assert not np.array_equal(first[0], epochs_of(dataset(4), 1)[0])

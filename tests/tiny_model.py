@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages import train
-from tests.conftest import TINY_TRAIN
+from tests.conftest import train_params
 
 
 def tiny_model(images: np.ndarray, seed: int = 0):
@@ -17,7 +17,7 @@ def tiny_model(images: np.ndarray, seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = train.build_model(images.shape[1], train.TrainParams(**TINY_TRAIN))
+    model = train.build_model(images.shape[1], train_params())
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in norms]
     for layer in norms:
