@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from stages import train
-from stages.params import load_params
+import numpy as np  # noqa: E402
+
+from stages import train  # noqa: E402
+from stages.params import load_params  # noqa: E402
 
 STEPS_PER_EPOCH = 361  # 11,542 training images (the mirror, augment defaults) / batch 32
 

@@ -36,15 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from stages import export  # noqa: E402
+from stages.inference import predict_proba  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
-
-try:
-    from stages.inference import predict_proba  # noqa: E402
-except ImportError:  # before the lead's stages/inference.py: the same, without flips
-    def predict_proba(model, images, tta="none", batch_size=64):
-        if hasattr(model, "predict"):
-            return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
-        return np.concatenate([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def figures(reference: np.ndarray, labels: np.ndarray, proba: np.ndarray, model_bytes: bytes, image: np.ndarray,

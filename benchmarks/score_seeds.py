@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels
-from stages.inference import corrected
-from stages.params import load_params
+import numpy as np  # noqa: E402
+
+from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
+from stages.inference import corrected  # noqa: E402
+from stages.params import load_params  # noqa: E402
 
 FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
 

@@ -18,16 +18,19 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from stages import train
-from stages.inference import predict_proba
-from stages.params import from_dict
-from stages.shards import read_shards
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from stages import train  # noqa: E402
+from stages.inference import predict_proba  # noqa: E402
+from stages.params import from_dict  # noqa: E402
+from stages.shards import read_shards  # noqa: E402
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

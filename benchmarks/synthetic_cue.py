@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from stages.augment import AugmentParams, augment, draw_transform, working_copy
-from stages.classes import CLASSES, LABELS
-from stages.files import read_table
-from stages.images import open_rgb, resize_square
-from stages.params import load_params
+import numpy as np  # noqa: E402
+
+from stages.augment import AugmentParams, augment, draw_transform, working_copy  # noqa: E402
+from stages.classes import CLASSES, LABELS  # noqa: E402
+from stages.files import read_table  # noqa: E402
+from stages.images import open_rgb, resize_square  # noqa: E402
+from stages.params import load_params  # noqa: E402
 
 
 def main() -> None:

@@ -11,8 +11,10 @@ bytes and, for each .tflite file, its latency (median ms per image, batch of one
 
 Why it is done this way (TensorFlow 2.21, Keras 3):
 - Conversion starts from a tf.function that calls the model with training=False at a fixed input
-  signature. `model.export(..., format="tf_saved_model")` does not work here: its serving graph
-  keeps RandomFlip's random ops, which TFLite's builtin ops cannot run.
+  signature, and no trackable object (see `converter`). (`model.export(..., format=
+  "tf_saved_model")` did not work when the model held a RandomFlip layer: its serving graph kept
+  the random ops, which TFLite's builtin ops cannot run; augmentation now lives in train's input
+  pipeline, outside the model.)
 - Both files keep the Keras model's interface: float32 RGB pixels 0..255 at the trained size in,
   7 float32 probabilities out, quantised/dequantised at the edges of the int8 file. So one
   scoring path serves all three.
