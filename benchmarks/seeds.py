@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 
 from stages import train  # noqa: E402
 from stages.inference import predict_proba  # noqa: E402
-from stages.params import from_dict  # noqa: E402
+from stages.params import from_dict, load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def train_params(params_path: Path, overrides: list[tuple[list[str], object]], seed: int) -> train.TrainParams:
     """params.yaml's `train` section with the overrides and the seed, checked like the stage's own."""
-    section = yaml.safe_load(params_path.read_text(encoding="utf-8"))["train"]
+    section = dataclasses.asdict(load_params("train", train.TrainParams, params_path))
     for path, value in [*overrides, (["seed"], seed)]:
         parent = section
         for key in path[:-1]:
