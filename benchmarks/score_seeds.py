@@ -26,11 +26,12 @@ FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
 
 def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> dict:
     data = np.load(npz)
-    proba = {split: data[f"{split}_{params.tta}"] for split in ("val", "test")}
-    labels = {split: data[f"{split}_labels"] for split in ("val", "test")}
+    splits = [split for split in ("val", "test") if f"{split}_labels" in data]  # sweeps keep val alone
+    proba = {split: data[f"{split}_{params.tta}"] for split in splits}
+    labels = {split: data[f"{split}_labels"] for split in splits}
     decision = choose_decision(params, labels["val"], proba["val"], train_labels)
     row = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold}
-    for split in ("val", "test"):
+    for split in splits:
         adjusted = corrected(proba[split], decision.class_bias)
         metrics, _ = classification_metrics(labels[split], adjusted)
         row[split] = {name: metrics[name] for name in FIGURES}

@@ -1,0 +1,278 @@
+"""Sweep depth, input size and epochs over several seeds on one GPU, with Keras 3 on JAX.
+
+    KERAS_BACKEND=jax python benchmarks/sweep_jax.py --out runs/sweep --seeds 1 2 3 \
+        --config all,128,15 --config conv_dw_6,160,15 [--workers 6] [--deadline-min 8]
+
+A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS; `--set train.KEY=VALUE` applies to every run.
+
+Why a second training path: a 2-core CPU trains one configuration in about 35 minutes, so a sweep
+of several configurations over three seeds (issue 12, item 4) does not fit there, and the GPU
+machine lent to some sessions has JAX but no TensorFlow. Everything except the on-line
+augmentation is the pipeline's own code:
+- data: `stages.augment.main` renders data/split + data/raw/images at each size (params.yaml's
+  `augment` section with `image_size` replaced), exactly as `dvc repro augment` would;
+- model, optimizer and schedule, class weights, per-epoch validation and the average of the last
+  epochs' weights: `stages.train`, from params.yaml's `train` section (`benchmarks/seeds.py`);
+- scoring: `benchmarks/score_seeds.py`, i.e. `evaluate`'s own decision rule chosen on validation.
+What differs, and why the committed recipe is re-run here as the baseline: `OnlineAugment` is
+`train.augment_batch`'s transform (same ranges, one affine resampling with mirrored margins, then
+contrast and brightness) written with keras.ops and keras.random, so its random draws differ from
+the tf.data ones, and float32 on a GPU is not bit-identical to a CPU. Compare configurations within
+one sweep, not with CPU runs.
+
+Only validation is read: test probabilities are never computed. Each run trains in its own process
+(several share the GPU: one small-batch MobileNet leaves it mostly idle); runs start in the order
+given, configuration by configuration, and none starts that would not finish before the deadline.
+Writes `<out>/runs/<config>_seed<N>.{json,npz}` and `<out>/summary.json` (mean ± sd per config).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from benchmarks.score_seeds import score_run  # noqa: E402
+from benchmarks.seeds import parse_override, train_params  # noqa: E402
+from stages import augment, train  # noqa: E402
+from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
+from stages.inference import predict_proba  # noqa: E402
+from stages.params import load_params  # noqa: E402
+from stages.shards import read_index, read_shards  # noqa: E402
+
+log = logging.getLogger("sweep")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    trainable_from: str
+    image_size: int
+    epochs: int
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        try:
+            depth, size, epochs = text.split(",")
+            return cls(depth, int(size), int(epochs))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected TRAINABLE_FROM,IMAGE_SIZE,EPOCHS, got {text!r}") from None
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainable_from}_{self.image_size}px_{self.epochs}ep"
+
+
+def online_augment_layer(augmentation: train.Augmentation, seed: int):
+    """`train.augment_batch` as a Keras layer (any backend): active in training only."""
+    import keras
+    from keras import ops
+
+    class OnlineAugment(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__(name="online_augment")
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def uniform(self, shape, width):
+            return keras.random.uniform(shape, -width, width, seed=self.seed_generator)
+
+        def sign(self, batch):
+            if not augmentation.flip:
+                return ops.ones((batch,))
+            return ops.where(keras.random.uniform((batch,), seed=self.seed_generator) < 0.5, -1.0, 1.0)
+
+        def call(self, images, training=False):
+            images = ops.cast(images, "float32")  # uint8 batches from the shards
+            if not training or not augmentation.active:
+                return images
+            batch, side = ops.shape(images)[0], images.shape[1]
+            angle = self.uniform((batch,), augmentation.rotation_degrees * np.pi / 180)
+            zoom = 1 + self.uniform((batch,), augmentation.zoom_fraction)
+            shift_x = self.uniform((batch,), augmentation.shift_fraction) * side
+            shift_y = self.uniform((batch,), augmentation.shift_fraction) * side
+            fx, fy = self.sign(batch), self.sign(batch)
+            cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
+            a0, a1, b0, b1 = cos * fx, -sin * fy, sin * fx, cos * fy
+            c = (side - 1) / 2
+            zeros = ops.zeros((batch,))
+            rows = ops.stack([a0, a1, c - a0 * c - a1 * c - shift_x, b0, b1, c - b0 * c - b1 * c - shift_y,
+                              zeros, zeros], axis=1)
+            images = ops.image.affine_transform(images, rows, interpolation="bilinear", fill_mode="reflect")
+            brightness = 1 + self.uniform((batch, 1, 1, 1), augmentation.brightness)
+            contrast = 1 + self.uniform((batch, 1, 1, 1), augmentation.contrast)
+            mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
+            return ops.clip(((images - mean) * contrast + mean) * brightness, 0.0, 255.0)
+
+    return OnlineAugment()
+
+
+def render_data(size: int, params_path: Path, split_dir: Path, images_dir: Path, out_dir: Path) -> Path:
+    """data/augmented at `size` px, made by the augment stage itself (kept if already made)."""
+    data_dir = out_dir / f"data-{size}px"
+    if (data_dir / "index.json").exists() and read_index(data_dir)["image_size"] == size:
+        return data_dir
+    params = yaml.safe_load(params_path.read_text())
+    params["augment"]["image_size"] = size
+    sized = out_dir / f"params-{size}px.yaml"
+    sized.write_text(yaml.safe_dump(params, sort_keys=False))
+    augment.main(split_dir=split_dir, images_dir=images_dir, out_dir=data_dir, params_path=sized)
+    return data_dir
+
+
+def train_run(config: Config, seed: int, data_dir: Path, params_path: Path,
+              overrides: list[tuple[list[str], object]], runs_dir: Path) -> None:
+    """Train one (config, seed) as `stages.train.train` does, with OnlineAugment; keep val probabilities."""
+    import keras
+
+    params = train_params(params_path, [*overrides, (["trainable_from"], config.trainable_from),
+                                        (["epochs"], config.epochs)], seed)
+    train_images, train_labels, _ = read_shards(data_dir, "train")
+    val_images, val_labels, _ = read_shards(data_dir, "val")
+    keras.utils.set_random_seed(seed)
+    started = time.perf_counter()
+    model = train.build_model(config.image_size, params)
+    trainer = keras.Sequential([keras.Input(train_images.shape[1:]),
+                                online_augment_layer(params.augmentation, seed), model])
+    trainer.compile(optimizer=train.make_optimizer(params, math.ceil(len(train_images) / params.batch_size)),
+                    loss="sparse_categorical_crossentropy")
+    epoch_times: list[float] = []
+    timer = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_times.append(time.perf_counter()))
+    history = trainer.fit(train_images, train_labels, batch_size=params.batch_size, epochs=params.epochs,
+                          class_weight=train.class_weights(train_labels, params.class_weight), shuffle=True,
+                          callbacks=[train.epoch_callback(val_images, val_labels, params), timer], verbose=0)
+    minutes = (time.perf_counter() - started) / 60
+    np.savez(runs_dir / f"{config.name}_seed{seed}.npz", val_labels=val_labels,
+             **{f"val_{tta}": predict_proba(model, val_images, tta=tta) for tta in ("none", "flips")})
+    record = {"config": dataclasses.asdict(config), "seed": seed, "params": dataclasses.asdict(params),
+              "train_minutes": round(minutes, 2),
+              "epoch_seconds": np.diff([started, *epoch_times]).round(1).tolist(),
+              "val_balanced_accuracy_per_epoch": [round(v, 4) for v in history.history["val_balanced_accuracy"]],
+              "backend": keras.backend.backend(), "device": device_name()}
+    (runs_dir / f"{config.name}_seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def device_name() -> str:
+    try:
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    except ImportError:
+        return "unknown"
+
+
+def run_queue(jobs: list[tuple[Config, int]], workers: int, deadline: float, command: list[str],
+              runs_dir: Path) -> list[dict]:
+    """Run the jobs in order, `workers` processes at a time; none starts that would miss the deadline."""
+    pending, running, done = list(jobs), {}, []
+    rates: list[float] = []  # seconds per (pixel x epoch) of the finished runs: a cost guess for the next
+    env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / workers:.2f}"}
+    while pending or running:
+        while pending and len(running) < workers:
+            config, seed = pending[0]
+            guess = max(rates, default=0.0) * config.image_size ** 2 * config.epochs
+            if time.time() + guess > deadline:
+                log.info("skipped %s seed %d: expected %.0f s, %.0f s left", config.name, seed, guess,
+                         deadline - time.time())
+                pending.pop(0)
+                done.append({"config": config.name, "seed": seed, "status": "skipped (deadline)"})
+                continue
+            pending.pop(0)
+            log_file = open(runs_dir / f"{config.name}_seed{seed}.log", "w")
+            argv = [*command, "--job", f"{config.trainable_from},{config.image_size},{config.epochs}", str(seed)]
+            running[(config, seed)] = (subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                                       time.time(), log_file)
+            log.info("started %s seed %d", config.name, seed)
+        time.sleep(2)
+        for (config, seed), (proc, started, log_file) in list(running.items()):
+            late = time.time() > deadline + 30
+            if proc.poll() is None and not late:
+                continue
+            if late:
+                proc.kill()
+                proc.wait()
+            log_file.close()
+            seconds = time.time() - started
+            status = "ok" if proc.returncode == 0 else ("killed (deadline)" if late else f"failed ({proc.returncode})")
+            if status == "ok":
+                rates.append(seconds / (config.image_size ** 2 * config.epochs))
+            done.append({"config": config.name, "seed": seed, "status": status, "seconds": round(seconds)})
+            log.info("%s seed %d: %s after %.0f s", config.name, seed, status, seconds)
+            del running[(config, seed)]
+    return done
+
+
+def summarise(configs: list[Config], data_dirs: dict[int, Path], runs_dir: Path, params_path: Path) -> dict:
+    """Per config: each seed's scores (evaluate's rule, chosen on val) and the mean ± sd over seeds."""
+    evaluate_params = load_params("evaluate", EvaluateParams, params_path)
+    summary = {}
+    for config in configs:
+        rows = {}
+        for npz in sorted(runs_dir.glob(f"{config.name}_seed*.npz")):
+            record = json.loads(npz.with_suffix(".json").read_text())
+            row = score_run(npz, evaluate_params, real_train_labels(data_dirs[config.image_size]))
+            rows[record["seed"]] = {"val": row["val"], "prior_strength": row["prior_strength"],
+                                    "train_minutes": record["train_minutes"]}
+        if not rows:
+            continue
+        entry = {"seeds": sorted(rows), "runs": rows}
+        for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity", "macro_auc"):
+            values = [r["val"][key] for r in rows.values()]
+            entry[f"val_{key}"] = {"mean": round(float(np.mean(values)), 4),
+                                   "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None}
+        entry["train_minutes_mean"] = round(float(np.mean([r["train_minutes"] for r in rows.values()])), 2)
+        summary[config.name] = entry
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", type=Config.parse, action="append", default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--workers", type=int, default=6, help="runs at a time on the GPU")
+    parser.add_argument("--deadline-min", type=float, default=8.0, help="no run starts that would end later")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--split-dir", type=Path, default=Path("data/split"))
+    parser.add_argument("--images-dir", type=Path, default=Path("data/raw/images"))
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="train.KEY=VALUE")
+    parser.add_argument("--job", nargs=2, metavar=("CONFIG", "SEED"), help=argparse.SUPPRESS)  # one run, internal
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    runs_dir = args.out / "runs"
+
+    if args.job:
+        config = Config.parse(args.job[0])
+        train_run(config, int(args.job[1]), args.out / f"data-{config.image_size}px", args.params, args.set, runs_dir)
+        return
+
+    if not args.config:
+        parser.error("give at least one --config")
+    deadline = time.time() + args.deadline_min * 60
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    data_dirs = {}
+    for size in dict.fromkeys(c.image_size for c in args.config):
+        data_dirs[size] = render_data(size, args.params, args.split_dir, args.images_dir, args.out)
+    command = [sys.executable, __file__, "--out", str(args.out), "--params", str(args.params),
+               *[f"--set=train.{'.'.join(path)}={json.dumps(value)}" for path, value in args.set]]
+    jobs = [(config, seed) for config in args.config for seed in args.seeds]
+    done = run_queue(jobs, args.workers, deadline, command, runs_dir)
+    summary = {"jobs": done, "configs": summarise(args.config, data_dirs, runs_dir, args.params)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, entry in summary["configs"].items():
+        ba, plain = entry["val_balanced_accuracy"], entry["val_balanced_accuracy_plain"]
+        log.info("%-24s seeds %s: val BA (flips + prior) %.4f ± %s, plain %.4f, %.1f min/run", name, entry["seeds"],
+                 ba["mean"], ba["sd"], plain["mean"], entry["train_minutes_mean"])
+
+
+if __name__ == "__main__":
+    main()
