@@ -64,10 +64,15 @@ def jpeg(seed: int) -> bytes:
 
 def make_zip(entries: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]],
              compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip of `entries`, the same bytes on every call: a name gets a fixed date, not the clock's
+    (two calls a second apart would otherwise differ, and so would their SHA256SUMS)."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", compression) as zf:
         warnings.simplefilter("ignore")  # duplicate names are made on purpose
         for name, data in (entries.items() if isinstance(entries, dict) else entries):
+            if not isinstance(name, zipfile.ZipInfo):
+                name = zipfile.ZipInfo(name, date_time=(2018, 6, 1, 0, 0, 0))
+                name.compress_type, name.external_attr = compression, 0o600 << 16  # as writestr(str) sets them
             zf.writestr(name, data)
     return buf.getvalue()
 

@@ -1,0 +1,70 @@
+"""benchmarks/sweep_jax.py: the on-line augmentation it trains with, its configs, val-only scoring."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks.score_seeds import score_run
+from benchmarks.sweep_jax import Config, online_augment_layer
+from stages.evaluate import EvaluateParams
+from stages.train import Augmentation
+
+FLIPS_ONLY = Augmentation(flip=True, rotation_degrees=0, shift_fraction=0, zoom_fraction=0, brightness=0, contrast=0)
+COMMITTED = Augmentation(flip=True, rotation_degrees=180, shift_fraction=0.05, zoom_fraction=0.1,
+                         brightness=0.1, contrast=0.1)
+
+
+def as_numpy(x) -> np.ndarray:
+    from keras import ops
+
+    return ops.convert_to_numpy(x)
+
+
+def test_flips_alone_give_exact_flips_and_all_four_occur():
+    images = np.random.default_rng(0).integers(0, 256, (64, 12, 12, 3)).astype(np.uint8)
+    out = as_numpy(online_augment_layer(FLIPS_ONLY, seed=1)(images, training=True))
+    seen = set()
+    for image, result in zip(images.astype(np.float32), out):
+        flips = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
+        matches = [k for k, f in enumerate(flips) if np.abs(result - f).max() < 1e-3]
+        assert matches, "an output is not a flip of its input"
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
+
+
+def test_inference_is_identity():
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    out = as_numpy(online_augment_layer(COMMITTED, seed=1)(images))
+    np.testing.assert_array_equal(out, images.astype(np.float32))
+
+
+def test_plain_images_stay_plain_and_in_range():
+    """Mirrored margins: a flat image stays flat (no black corners); colour stays in [0, 255]."""
+    flat = np.full((16, 24, 24, 3), 200, np.uint8)
+    out = as_numpy(online_augment_layer(COMMITTED, seed=3)(flat, training=True))
+    assert np.ptp(out, axis=(1, 2, 3)).max() < 1e-2
+    assert out.min() >= 200 * 0.9 - 1e-3 and out.max() <= 255
+    assert np.ptp(out[:, 0, 0, 0]) > 1  # brightness differs between images
+
+
+def test_config_parse():
+    assert Config.parse("conv_dw_6,160,15") == Config("conv_dw_6", 160, 15)
+    assert Config.parse("all,128,10").name == "all_128px_10ep"
+    with pytest.raises(argparse.ArgumentTypeError, match="TRAINABLE_FROM,IMAGE_SIZE,EPOCHS"):
+        Config.parse("all,128")
+
+
+def test_score_run_scores_validation_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), 10)
+    proba = rng.dirichlet(np.ones(7), size=len(labels))
+    proba[np.arange(len(labels)), labels] += 1  # mostly right
+    proba /= proba.sum(axis=1, keepdims=True)
+    np.savez(tmp_path / "run.npz", val_labels=labels, val_none=proba, val_flips=proba)
+    params = EvaluateParams(batch_size=8, tta="flips", prior_strengths=[0.0], mel_sensitivity_target=0.85,
+                            bootstrap_samples=100, seed=0)
+    row = score_run(tmp_path / "run.npz", params, labels)
+    assert set(row) == {"prior_strength", "mel_threshold", "val"}
+    assert row["val"]["balanced_accuracy"] == pytest.approx(np.mean(proba.argmax(1) == labels), abs=1e-9)
