@@ -217,9 +217,10 @@ def summarise(configs: list[Config], data_dirs: dict[int, Path], runs_dir: Path,
     summary = {}
     for config in configs:
         rows = {}
+        train_labels = real_train_labels(data_dirs[config.image_size])  # the same for every seed
         for npz in sorted(runs_dir.glob(f"{config.name}_seed*.npz")):
             record = json.loads(npz.with_suffix(".json").read_text())
-            row = score_run(npz, evaluate_params, real_train_labels(data_dirs[config.image_size]))
+            row = score_run(npz, evaluate_params, train_labels)
             rows[record["seed"]] = {"val": row["val"], "prior_strength": row["prior_strength"],
                                     "train_minutes": record["train_minutes"]}
         if not rows:
