@@ -8,6 +8,8 @@ warm-up) and the forward pass of the frozen layers alone. With BatchNorm frozen 
 the body, the frozen layers are a fixed function of their input: a cache of their outputs would
 save at most that forward time per step (less with on-line augmentation, which changes the input
 every epoch). `cache_speedup` = step / (step - frozen forward) is that upper bound.
+`--policy mixed_bfloat16` times the same steps with bfloat16 compute (a question for CPUs with
+AVX512_BF16, whether a larger input would fit the budget; the pipeline itself trains in float32).
 Run it alone on the machine: other work on the cores inflates every figure.
 """
 from __future__ import annotations
@@ -58,7 +60,8 @@ def measure(params: train.TrainParams, size: int, repeats: int) -> dict:
         last_frozen = model.layers[first_trainable - 1]._inbound_nodes[-1].output_tensors[0]
         body = keras.Model(model.inputs, last_frozen)
         frozen_forward = timed(lambda: body.predict_on_batch(x), repeats)
-    return {"trainable_from": params.trainable_from, "image_size": size, "step_s": round(step, 4),
+    return {"trainable_from": params.trainable_from, "image_size": size,
+            "policy": keras.config.dtype_policy().name, "step_s": round(step, 4),
             "epoch_min": round(step * STEPS_PER_EPOCH / 60, 2), "frozen_forward_s": round(frozen_forward, 4),
             "cache_speedup": round(step / max(step - frozen_forward, 1e-9), 2)}
 
@@ -70,7 +73,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/epoch_cost.json"))
+    parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
     args = parser.parse_args()
+    import keras
+
+    keras.config.set_dtype_policy(args.policy)
     base = load_params("train", train.TrainParams, args.params)
     rows = []
     for depth in args.depths:

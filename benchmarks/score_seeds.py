@@ -24,6 +24,13 @@ from stages.params import load_params  # noqa: E402
 FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
 
 
+def mean_sd(values) -> dict:
+    """{"mean", "sd", "n"} of one figure over seeds (sd None for a single run)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+            "n": len(values)}
+
+
 def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> dict:
     data = np.load(npz)
     splits = [split for split in ("val", "test") if f"{split}_labels" in data]  # sweeps keep val alone
@@ -57,9 +64,7 @@ def main() -> None:
     summary = {"runs": rows}
     for split in ("val", "test"):
         for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity"):
-            values = [r[split][key] for r in rows.values()]
-            summary[f"{split}_{key}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
-                                         if len(values) > 1 else None, "n": len(values)}
+            summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in rows.values()])
         values = [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()]
         summary[f"{split}_operating_point_mel_sensitivity"] = {"mean": float(np.mean(values)), "n": len(values)}
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

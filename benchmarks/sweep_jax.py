@@ -43,13 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.score_seeds import score_run  # noqa: E402
+from benchmarks.score_seeds import mean_sd, score_run  # noqa: E402
 from benchmarks.seeds import parse_override, train_params  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
 from stages.inference import predict_proba  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_index, read_shards  # noqa: E402
+from stages.transforms import contrast_then_brightness  # noqa: E402
 
 log = logging.getLogger("sweep")
 
@@ -111,7 +112,7 @@ def online_augment_layer(augmentation: train.Augmentation, seed: int):
             brightness = 1 + self.uniform((batch, 1, 1, 1), augmentation.brightness)
             contrast = 1 + self.uniform((batch, 1, 1, 1), augmentation.contrast)
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
-            return ops.clip(((images - mean) * contrast + mean) * brightness, 0.0, 255.0)
+            return ops.clip(contrast_then_brightness(images, mean, contrast, brightness), 0.0, 255.0)
 
     return OnlineAugment()
 
@@ -227,9 +228,7 @@ def summarise(configs: list[Config], data_dirs: dict[int, Path], runs_dir: Path,
             continue
         entry = {"seeds": sorted(rows), "runs": rows}
         for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity", "macro_auc"):
-            values = [r["val"][key] for r in rows.values()]
-            entry[f"val_{key}"] = {"mean": round(float(np.mean(values)), 4),
-                                   "sd": round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None}
+            entry[f"val_{key}"] = mean_sd([r["val"][key] for r in rows.values()])
         entry["train_minutes_mean"] = round(float(np.mean([r["train_minutes"] for r in rows.values()])), 2)
         summary[config.name] = entry
     return summary

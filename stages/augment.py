@@ -53,8 +53,9 @@ from stages.files import atomic_dir, atomic_write_json, read_table
 from stages.images import ImageError, open_rgb, resize_square
 from stages.params import PARAMS_FILE, in_range, load_params
 from stages.progress import track
-from stages.shards import write_shards
+from stages.shards import copy_id, write_shards
 from stages.splits import SPLITS
+from stages.transforms import check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.augment")
 
@@ -84,14 +85,10 @@ class AugmentParams:
         in_range("image_size", self.image_size, 32, 512)  # MobileNet needs at least 32x32
         in_range("target_per_class", self.target_per_class, 1)
         in_range("max_copies_per_image", self.max_copies_per_image, 1)
-        in_range("rotation_degrees", self.rotation_degrees, 0, 180)
-        in_range("shift_fraction", self.shift_fraction, 0, 0.5)
-        in_range("zoom_fraction", self.zoom_fraction, 0, 0.5)
-        in_range("brightness", self.brightness, 0, 0.9)
-        in_range("contrast", self.contrast, 0, 0.9)
         in_range("shard_images", self.shard_images, 1)
         ranges = (self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
                   self.contrast)
+        check_ranges(*ranges)
         if self.copies == "synthetic" and self.max_copies_per_image > 1 and not any(ranges):
             raise ValueError("rotation_degrees, shift_fraction, zoom_fraction, brightness and "
                              "contrast are all 0, so a quarter of the synthetic copies would "
@@ -116,10 +113,6 @@ def copy_sources(real: int, copies: int, seed: int, label: int) -> np.ndarray:
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SOURCE_ORDER, label)))
     return rng.permutation(real)[np.arange(copies) % real]
-
-
-def copy_id(source_id: str, k: int) -> str:
-    return f"{source_id}+aug{k}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,12 +240,11 @@ def augment(img, t: Transform, size: int) -> np.ndarray:
 
 
 def adjust_colour(pixels: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
-    """Contrast about the image's mean grey level (keeps its colour balance), then brightness.
+    """stages/transforms.py's colour change, clipped to uint8.
 
-    Both are one mapping of the 256 pixel values, so it is applied as a lookup table.
+    Contrast and brightness are one mapping of the 256 pixel values, so it is applied as a lookup table.
     """
-    mean = pixels.mean()
-    levels = ((np.arange(256) - mean) * contrast + mean) * brightness
+    levels = contrast_then_brightness(np.arange(256), pixels.mean(), contrast, brightness)
     lookup = np.clip(np.rint(levels), 0, 255).astype(np.uint8)
     return lookup[pixels]
 

@@ -55,7 +55,7 @@ from stages.files import atomic_write_bytes, atomic_write_json
 from stages.inference import Decision, corrected, predict_proba
 from stages.params import PARAMS_FILE, in_range, load_params
 from stages.progress import Progress
-from stages.shards import read_index, read_shards
+from stages.shards import COPY_MARK, is_copy, read_index, read_shards
 
 log = logging.getLogger("stages.export")
 
@@ -82,12 +82,9 @@ class ExportParams:
 INT8_FLOAT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "ADD", "MUL")
 
 
-COPY_MARK = "+aug"  # augment's oversampled copies: image_id "<real id>+aug<k>"
-
-
 def real_images(images: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """The training images that are real photos, not augment's oversampled copies (ids with '+aug')."""
-    real = np.array([COPY_MARK not in str(image_id) for image_id in image_ids], dtype=bool)
+    """The training images that are real photos, not augment's oversampled copies."""
+    real = np.array([not is_copy(image_id) for image_id in image_ids], dtype=bool)
     if not real.any():
         raise StageError(f"no real training image to calibrate int8 on (every image_id holds '{COPY_MARK}')")
     return images[real]

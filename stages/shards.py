@@ -2,7 +2,8 @@
 
 data/augmented/ holds index.json ({"image_size", "seed", "splits": {split: {"images", "shards",
 ...}}}) and, per split, uncompressed .npz shards with images (uint8 NHWC), labels and image_ids.
-Readers of shards never decode an image file.
+Readers of shards never decode an image file. An image_id is a real image's id, or, for one of
+augment's oversampled copies, its source's id + "+aug<k>" (`copy_id`, `is_copy`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ import numpy as np
 
 from stages.errors import StageError
 from stages.files import read_json
+
+COPY_MARK = "+aug"
+
+
+def copy_id(source_id: str, k: int) -> str:
+    """The image_id of copy k (within its class) of real image `source_id`."""
+    return f"{source_id}{COPY_MARK}{k}"
+
+
+def is_copy(image_id: str) -> bool:
+    """True for augment's oversampled copies, False for real images."""
+    return COPY_MARK in str(image_id)
 
 
 def shard_name(split: str, index: int) -> str:

@@ -40,6 +40,7 @@ from stages.cli import run_stage
 from stages.errors import ParamError, StageError
 from stages.params import PARAMS_FILE, in_range, load_params
 from stages.shards import read_index, read_shards
+from stages.transforms import check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.train")
 
@@ -52,7 +53,8 @@ class Augmentation:
     """`train.augmentation`: one random transform per training image per epoch, for every class.
 
     Geometry is one affine resampling with mirrored margins (dermoscopy has no "up"); colour is
-    contrast about the image's mean grey level, then brightness, as in augment's synthetic copies.
+    contrast about the image's mean grey level, then brightness. Ranges and colour formula are
+    augment's synthetic copies' own (stages/transforms.py).
     """
 
     flip: bool                    # random horizontal and vertical flips
@@ -63,11 +65,8 @@ class Augmentation:
     contrast: float               # multiplier of each pixel's distance to the image's mean, 1 +- this
 
     def __post_init__(self) -> None:
-        in_range("rotation_degrees", self.rotation_degrees, 0, 180)
-        in_range("shift_fraction", self.shift_fraction, 0, 0.5)
-        in_range("zoom_fraction", self.zoom_fraction, 0, 0.5, hi_open=True)
-        in_range("brightness", self.brightness, 0, 0.9)
-        in_range("contrast", self.contrast, 0, 0.9)
+        check_ranges(self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
+                     self.contrast)
 
     @property
     def active(self) -> bool:
@@ -294,7 +293,7 @@ def augment_batch(images, seed, augmentation: Augmentation):
     brightness = factor(brightness_seed, augmentation.brightness)
     contrast = factor(contrast_seed, augmentation.contrast)
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-    return tf.clip_by_value(((images - mean) * contrast + mean) * brightness, 0.0, 255.0)
+    return tf.clip_by_value(contrast_then_brightness(images, mean, contrast, brightness), 0.0, 255.0)
 
 
 def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

@@ -1,14 +1,19 @@
-"""The small shared modules: the one range check, the one JSON reader, the one CPU count."""
+"""The small shared modules: the one range check, the one JSON reader, the one CPU count, the copy
+ids, the transform ranges and colour formula shared by augment and train."""
 from __future__ import annotations
 
 import os
+import re
 
+import numpy as np
 import pytest
 
 from stages.cpus import usable_cpus
 from stages.errors import StageError
 from stages.files import read_json
 from stages.params import in_range
+from stages.shards import copy_id, is_copy
+from stages.transforms import check_ranges, contrast_then_brightness
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
@@ -44,3 +49,25 @@ def test_read_json_errors_name_the_file_and_the_stage_that_makes_it(tmp_path):
 
 def test_usable_cpus_is_the_affinity_mask():
     assert usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+
+
+def test_copy_ids_name_their_source_and_are_told_from_real_ids():
+    assert copy_id("ISIC_0024306", 3) == "ISIC_0024306+aug3"
+    assert is_copy(copy_id("ISIC_0024306", 0)) and not is_copy("ISIC_0024306")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rotation_degrees", 181, "rotation_degrees must be in [0, 180], got 181"),
+    ("zoom_fraction", 0.5, "zoom_fraction must be in [0, 0.5), got 0.5"),
+    ("brightness", -0.1, "brightness must be in [0, 0.9], got -0.1"),
+])
+def test_transform_ranges_name_the_setting(key, value, message):
+    ranges = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0.1)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_ranges(**{**ranges, key: value})
+
+
+def test_colour_change_keeps_the_mean_under_contrast_and_scales_it_by_brightness():
+    pixels = np.array([50.0, 100.0, 150.0])
+    assert contrast_then_brightness(pixels, 100.0, 2.0, 1.0).tolist() == [0.0, 100.0, 200.0]
+    assert contrast_then_brightness(pixels, 100.0, 1.0, 0.5).tolist() == [25.0, 50.0, 75.0]

@@ -1,0 +1,119 @@
+"""Score trained models on validation with other test-time views: more symmetries, larger inputs.
+
+    python benchmarks/eval_views.py --models models/model.keras runs/seed1.keras ... --out runs/views
+
+Why: a change to `evaluate` alone costs minutes, not a 35-minute training, so it is worth knowing
+whether the committed models would score better when shown each validation image differently:
+
+- `flips` (what evaluate does): the mean over the image and its 3 flips;
+- `dihedral`: the 8 symmetries of the square (the flips and their transposes). A transpose swaps
+  the axis that augment's 4:3 -> square squash stretched; training rotates images freely, so the
+  model has seen both;
+- a larger input (`flips@192`): the same weights, rebuilt for another input size (MobileNet ends in
+  global pooling), fed the validation images re-read from data/raw at that size. Training saw the
+  lesion at the training size, so a gain from more detail may be lost to a change of scale.
+
+Each view's probabilities go through `evaluate.choose_decision` (prior strength chosen on val) and
+are scored on validation only; test is not read. Writes `<out>/views.json`: per model and view the
+validation balanced accuracy, then per view the mean, the sd and the paired difference from
+`flips` over the models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+
+from benchmarks.score_seeds import mean_sd  # noqa: E402
+from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
+from stages.images import load_image  # noqa: E402
+from stages.inference import corrected, flips, predict_proba  # noqa: E402
+from stages.params import load_params  # noqa: E402
+from stages.shards import read_shards  # noqa: E402
+from stages.train import TrainParams, build_model  # noqa: E402
+
+log = logging.getLogger("eval_views")
+
+
+def dihedral(images: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries of the square: the 4 flips and the 4 flips of the transpose."""
+    return flips(images) + flips(images.transpose(0, 2, 1, 3))
+
+
+def mean_proba(model, views: list[np.ndarray], batch_size: int) -> np.ndarray:
+    return np.mean([predict_proba(model, view, "none", batch_size) for view in views], axis=0)
+
+
+def resized_model(model, size: int, params: TrainParams):
+    """The same weights in a model built for `size` x `size` inputs."""
+    other = build_model(size, params)
+    other.set_weights(model.get_weights())
+    return other
+
+
+def parse_view(text: str) -> tuple[str, int | None]:
+    """`flips` or `flips@192` -> (symmetries, input size; None: the training size)."""
+    kind, _, size = text.partition("@")
+    if kind not in ("none", "flips", "dihedral"):
+        raise argparse.ArgumentTypeError(f"unknown view {text!r}: none, flips or dihedral, optionally @<size>")
+    return kind, int(size) if size else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, nargs="+", required=True)
+    parser.add_argument("--views", nargs="+", default=["flips", "dihedral", "flips@176", "flips@192"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path("data/augmented"))
+    parser.add_argument("--split-dir", type=Path, default=Path("data/split"))
+    parser.add_argument("--images", type=Path, default=Path("data/raw/images"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import keras
+    from sklearn.metrics import balanced_accuracy_score
+
+    params = load_params("evaluate", EvaluateParams)
+    train_params = load_params("train", TrainParams)
+    train_labels = real_train_labels(args.data)
+    images, labels, image_ids = read_shards(args.data, "val")
+    train_size = images.shape[1]
+    views = [parse_view(v) for v in args.views]
+    by_size = {train_size: images}
+    for size in sorted({s for _, s in views if s and s != train_size}):
+        by_size[size] = np.stack([load_image(args.images / f"{i}.jpg", size) for i in image_ids])
+    args.out.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, float]] = {}
+    for path in args.models:
+        model = keras.saving.load_model(path)
+        scores[str(path)] = {}
+        for name, (kind, size) in zip(args.views, views):
+            started = time.perf_counter()
+            size = size or train_size
+            net = model if size == train_size else resized_model(model, size, train_params)
+            batch = by_size[size]
+            proba = mean_proba(net, {"none": [batch], "flips": flips(batch), "dihedral": dihedral(batch)}[kind],
+                               params.batch_size)
+            decision = choose_decision(params, labels, proba, train_labels)
+            score = balanced_accuracy_score(labels, corrected(proba, decision.class_bias).argmax(axis=1))
+            scores[str(path)][name] = float(score)
+            log.info("%s %s: val balanced accuracy %.4f (prior %.2f), %.0f s", path, name, score,
+                     decision.prior_strength, time.perf_counter() - started)
+    summary = {"models": scores, "views": {}}
+    for name in args.views:
+        values = np.array([s[name] for s in scores.values()])
+        summary["views"][name] = {"val_balanced_accuracy": mean_sd(values)}
+        if "flips" in args.views:  # paired: the same model, the same images
+            summary["views"][name]["minus_flips"] = mean_sd(values - [s["flips"] for s in scores.values()])
+    (args.out / "views.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["views"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""What augment's synthetic copies and train's on-line augmentation share: ranges and colour.
+
+Both draw a rotation, shift, zoom, brightness and contrast change from ranges checked here once,
+and change colour with one formula, so a copy made by `augment` (numpy, at the source's
+resolution) and an image augmented by `train` (TensorFlow, every epoch) differ in their random
+draws only. A rotation near 90 degrees swaps which axis augment's 4:3 -> square resize stretched:
+the model sees lesions squashed both ways (flips, used at test time, keep the axis).
+"""
+from __future__ import annotations
+
+from stages.params import in_range
+
+
+def check_ranges(rotation_degrees: float, shift_fraction: float, zoom_fraction: float, brightness: float,
+                 contrast: float) -> None:
+    """Raise ValueError naming the first setting outside what the transforms can do."""
+    in_range("rotation_degrees", rotation_degrees, 0, 180)  # +-180 covers every angle
+    in_range("shift_fraction", shift_fraction, 0, 0.5)       # of the side: the centre stays in view
+    in_range("zoom_fraction", zoom_fraction, 0, 0.5, hi_open=True)  # scale 1 +- this stays > 0.5
+    in_range("brightness", brightness, 0, 0.9)               # multipliers stay > 0
+    in_range("contrast", contrast, 0, 0.9)
+
+
+def contrast_then_brightness(pixels, mean, contrast, brightness):
+    """Contrast about the image's mean grey level `mean` (keeps its colour balance), then brightness.
+
+    Plain arithmetic, so it applies alike to numpy arrays and to tensors (no clipping: the caller
+    clips to [0, 255] in its own library).
+    """
+    return ((pixels - mean) * contrast + mean) * brightness
