@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
 from stages.images import load_image  # noqa: E402
-from stages.inference import corrected, flips, predict_proba  # noqa: E402
+from stages.inference import corrected, flips, mean_over_views  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 from stages.train import TrainParams, build_model  # noqa: E402
@@ -47,8 +47,7 @@ def dihedral(images: np.ndarray) -> list[np.ndarray]:
     return flips(images) + flips(images.transpose(0, 2, 1, 3))
 
 
-def mean_proba(model, views: list[np.ndarray], batch_size: int) -> np.ndarray:
-    return np.mean([predict_proba(model, view, "none", batch_size) for view in views], axis=0)
+VIEWS = {"none": lambda images: [images], "flips": flips, "dihedral": dihedral}
 
 
 def resized_model(model, size: int, params: TrainParams):
@@ -61,7 +60,7 @@ def resized_model(model, size: int, params: TrainParams):
 def parse_view(text: str) -> tuple[str, int | None]:
     """`flips` or `flips@192` -> (symmetries, input size; None: the training size)."""
     kind, _, size = text.partition("@")
-    if kind not in ("none", "flips", "dihedral"):
+    if kind not in VIEWS:
         raise argparse.ArgumentTypeError(f"unknown view {text!r}: none, flips or dihedral, optionally @<size>")
     return kind, int(size) if size else None
 
@@ -72,7 +71,6 @@ def main() -> None:
     parser.add_argument("--views", nargs="+", default=["flips", "dihedral", "flips@176", "flips@192"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path("data/augmented"))
-    parser.add_argument("--split-dir", type=Path, default=Path("data/split"))
     parser.add_argument("--images", type=Path, default=Path("data/raw/images"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -92,14 +90,14 @@ def main() -> None:
     scores: dict[str, dict[str, float]] = {}
     for path in args.models:
         model = keras.saving.load_model(path)
+        nets = {train_size: model}  # the same weights per input size, built once per model
         scores[str(path)] = {}
         for name, (kind, size) in zip(args.views, views):
             started = time.perf_counter()
             size = size or train_size
-            net = model if size == train_size else resized_model(model, size, train_params)
-            batch = by_size[size]
-            proba = mean_proba(net, {"none": [batch], "flips": flips(batch), "dihedral": dihedral(batch)}[kind],
-                               params.batch_size)
+            if size not in nets:
+                nets[size] = resized_model(model, size, train_params)
+            proba = mean_over_views(nets[size], VIEWS[kind](by_size[size]), params.batch_size)
             decision = choose_decision(params, labels, proba, train_labels)
             score = balanced_accuracy_score(labels, corrected(proba, decision.class_bias).argmax(axis=1))
             scores[str(path)][name] = float(score)

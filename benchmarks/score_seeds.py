@@ -65,8 +65,8 @@ def main() -> None:
     for split in ("val", "test"):
         for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity"):
             summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in rows.values()])
-        values = [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()]
-        summary[f"{split}_operating_point_mel_sensitivity"] = {"mean": float(np.mean(values)), "n": len(values)}
+        summary[f"{split}_operating_point_mel_sensitivity"] = mean_sd(
+            [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()])
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, r in rows.items():
         print(f"{name}: val {r['val']['balanced_accuracy']:.4f} (plain {r['val']['balanced_accuracy_plain']:.4f}) "

@@ -40,7 +40,11 @@ def predict_proba(model, images: np.ndarray, tta: TTA = "none", batch_size: int 
     `model` is a Keras model or any callable mapping a float32 batch to probabilities (a TFLite
     interpreter wrapped by `export`).
     """
-    views = flips(images) if tta == "flips" else [images]
+    return mean_over_views(model, flips(images) if tta == "flips" else [images], batch_size)
+
+
+def mean_over_views(model, views: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """The mean class probabilities over several views (N, H, W, C each) of the same images."""
     total = None
     for view in views:
         view = np.ascontiguousarray(view, dtype=np.float32)
