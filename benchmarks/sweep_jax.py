@@ -1,16 +1,17 @@
 """Sweep depth, input size and epochs over several seeds on one GPU, with Keras 3 on JAX.
 
     KERAS_BACKEND=jax python benchmarks/sweep_jax.py --out runs/sweep --seeds 1 2 3 \
-        --config all,128,15 --config conv_dw_6,160,15 [--workers 6] [--deadline-min 8]
+        --config all,128,15 --config all,192,8,augment.target_per_class=750 [--workers 6] [--deadline-min 8]
 
-A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS; `--set train.KEY=VALUE` applies to every run.
+A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS, optionally followed by augment.KEY=VALUE overrides of
+its data; `--set train.KEY=VALUE` applies to every run.
 
 Why a second training path: a 2-core CPU trains one configuration in about 35 minutes, so a sweep
 of several configurations over three seeds (issue 12, item 4) does not fit there, and the GPU
 machine lent to some sessions has JAX but no TensorFlow. Everything except the on-line
 augmentation is the pipeline's own code:
-- data: `stages.augment.main` renders data/split + data/raw/images at each size (params.yaml's
-  `augment` section with `image_size` replaced), exactly as `dvc repro augment` would;
+- data: `stages.augment.main` renders data/split + data/raw/images for each config (params.yaml's
+  `augment` section with `image_size` and the config's overrides replaced), as `dvc repro augment` would;
 - model, optimizer and schedule, class weights, per-epoch validation and the average of the last
   epochs' weights: `stages.train`, from params.yaml's `train` section (`benchmarks/seeds.py`);
 - scoring: `benchmarks/score_seeds.py`, i.e. `evaluate`'s own decision rule chosen on validation.
@@ -21,8 +22,9 @@ the tf.data ones, and float32 on a GPU is not bit-identical to a CPU. Compare co
 one sweep, not with CPU runs.
 
 Only validation is read: test probabilities are never computed. Each run trains in its own process
-(several share the GPU: one small-batch MobileNet leaves it mostly idle); runs start in the order
-given, configuration by configuration, and none starts that would not finish before the deadline.
+(several share the GPU: one small-batch MobileNet leaves it mostly idle); runs start seed by seed
+(every config's first seed, then every config's second, ...), so a deadline that stops the queue
+leaves each config with its first seeds; none starts that would not finish before the deadline.
 Writes `<out>/runs/<config>_seed<N>.{json,npz}` and `<out>/summary.json` (mean ± sd per config).
 """
 from __future__ import annotations
@@ -49,29 +51,51 @@ from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
 from stages.inference import predict_proba  # noqa: E402
 from stages.params import load_params  # noqa: E402
-from stages.shards import read_index, read_shards  # noqa: E402
-from stages.transforms import contrast_then_brightness  # noqa: E402
+from stages.shards import read_shards  # noqa: E402
+from stages.transforms import affine_about_centre, contrast_then_brightness  # noqa: E402
 
 log = logging.getLogger("sweep")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """TRAINABLE_FROM,IMAGE_SIZE,EPOCHS[,augment.KEY=VALUE...]: the augment overrides change the data."""
     trainable_from: str
     image_size: int
     epochs: int
+    augment: tuple[tuple[str, object], ...] = ()  # e.g. (("target_per_class", 750),)
 
     @classmethod
     def parse(cls, text: str) -> Config:
         try:
-            depth, size, epochs = text.split(",")
-            return cls(depth, int(size), int(epochs))
+            depth, size, epochs, *extra = text.split(",")
+            config = cls(depth, int(size), int(epochs))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected TRAINABLE_FROM,IMAGE_SIZE,EPOCHS, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected TRAINABLE_FROM,IMAGE_SIZE,EPOCHS[,augment.KEY=VALUE...], got {text!r}") from None
+        augment_overrides = []
+        for item in extra:
+            key, _, value = item.partition("=")
+            if not key.startswith("augment.") or key == "augment.image_size" or not value:
+                raise argparse.ArgumentTypeError(f"expected augment.KEY=VALUE (not image_size), got {item!r}")
+            augment_overrides.append((key.removeprefix("augment."), yaml.safe_load(value)))
+        return dataclasses.replace(config, augment=tuple(augment_overrides))
+
+    @property
+    def text(self) -> str:
+        """The form `parse` reads (how a job is handed to its process)."""
+        return ",".join([self.trainable_from, str(self.image_size), str(self.epochs),
+                         *(f"augment.{key}={value}" for key, value in self.augment)])
+
+    @property
+    def data_name(self) -> str:
+        """The folder of the rendered data: one per input size and augment overrides."""
+        return f"data-{self.image_size}px" + "".join(f"_{key}{value}" for key, value in self.augment)
 
     @property
     def name(self) -> str:
-        return f"{self.trainable_from}_{self.image_size}px_{self.epochs}ep"
+        return f"{self.trainable_from}_{self.image_size}px_{self.epochs}ep" + "".join(
+            f"_{key}{value}" for key, value in self.augment)
 
 
 def online_augment_layer(augmentation: train.Augmentation, seed: int):
@@ -102,12 +126,10 @@ def online_augment_layer(augmentation: train.Augmentation, seed: int):
             shift_x = self.uniform((batch,), augmentation.shift_fraction) * side
             shift_y = self.uniform((batch,), augmentation.shift_fraction) * side
             fx, fy = self.sign(batch), self.sign(batch)
-            cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
-            a0, a1, b0, b1 = cos * fx, -sin * fy, sin * fx, cos * fy
             c = (side - 1) / 2
             zeros = ops.zeros((batch,))
-            rows = ops.stack([a0, a1, c - a0 * c - a1 * c - shift_x, b0, b1, c - b0 * c - b1 * c - shift_y,
-                              zeros, zeros], axis=1)
+            rows = ops.stack([*affine_about_centre(ops.cos(angle) / zoom, ops.sin(angle) / zoom, fx, fy,
+                                                   c, c, shift_x, shift_y), zeros, zeros], axis=1)
             images = ops.image.affine_transform(images, rows, interpolation="bilinear", fill_mode="reflect")
             brightness = 1 + self.uniform((batch, 1, 1, 1), augmentation.brightness)
             contrast = 1 + self.uniform((batch, 1, 1, 1), augmentation.contrast)
@@ -117,14 +139,14 @@ def online_augment_layer(augmentation: train.Augmentation, seed: int):
     return OnlineAugment()
 
 
-def render_data(size: int, params_path: Path, split_dir: Path, images_dir: Path, out_dir: Path) -> Path:
-    """data/augmented at `size` px, made by the augment stage itself (kept if already made)."""
-    data_dir = out_dir / f"data-{size}px"
-    if (data_dir / "index.json").exists() and read_index(data_dir)["image_size"] == size:
+def render_data(config: Config, params_path: Path, split_dir: Path, images_dir: Path, out_dir: Path) -> Path:
+    """data/augmented for `config` (its size and augment overrides), made by the augment stage itself."""
+    data_dir = out_dir / config.data_name
+    if (data_dir / "index.json").exists():
         return data_dir
     params = yaml.safe_load(params_path.read_text())
-    params["augment"]["image_size"] = size
-    sized = out_dir / f"params-{size}px.yaml"
+    params["augment"].update({"image_size": config.image_size, **dict(config.augment)})
+    sized = out_dir / f"params-{config.data_name}.yaml"
     sized.write_text(yaml.safe_dump(params, sort_keys=False))
     augment.main(split_dir=split_dir, images_dir=images_dir, out_dir=data_dir, params_path=sized)
     return data_dir
@@ -189,7 +211,7 @@ def run_queue(jobs: list[tuple[Config, int]], workers: int, deadline: float, com
                 continue
             pending.pop(0)
             log_file = open(runs_dir / f"{config.name}_seed{seed}.log", "w")
-            argv = [*command, "--job", f"{config.trainable_from},{config.image_size},{config.epochs}", str(seed)]
+            argv = [*command, "--job", config.text, str(seed)]
             running[(config, seed)] = (subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env),
                                        time.time(), log_file)
             log.info("started %s seed %d", config.name, seed)
@@ -212,13 +234,13 @@ def run_queue(jobs: list[tuple[Config, int]], workers: int, deadline: float, com
     return done
 
 
-def summarise(configs: list[Config], data_dirs: dict[int, Path], runs_dir: Path, params_path: Path) -> dict:
+def summarise(configs: list[Config], data_dirs: dict[str, Path], runs_dir: Path, params_path: Path) -> dict:
     """Per config: each seed's scores (evaluate's rule, chosen on val) and the mean ± sd over seeds."""
     evaluate_params = load_params("evaluate", EvaluateParams, params_path)
     summary = {}
     for config in configs:
         rows = {}
-        train_labels = real_train_labels(data_dirs[config.image_size])  # the same for every seed
+        train_labels = real_train_labels(data_dirs[config.data_name])  # the same for every seed
         for npz in sorted(runs_dir.glob(f"{config.name}_seed*.npz")):
             record = json.loads(npz.with_suffix(".json").read_text())
             row = score_run(npz, evaluate_params, train_labels)
@@ -252,19 +274,19 @@ def main() -> None:
 
     if args.job:
         config = Config.parse(args.job[0])
-        train_run(config, int(args.job[1]), args.out / f"data-{config.image_size}px", args.params, args.set, runs_dir)
+        train_run(config, int(args.job[1]), args.out / config.data_name, args.params, args.set, runs_dir)
         return
 
     if not args.config:
         parser.error("give at least one --config")
     deadline = time.time() + args.deadline_min * 60
     runs_dir.mkdir(parents=True, exist_ok=True)
-    data_dirs = {}
-    for size in dict.fromkeys(c.image_size for c in args.config):
-        data_dirs[size] = render_data(size, args.params, args.split_dir, args.images_dir, args.out)
+    data_dirs = {config.data_name: render_data(config, args.params, args.split_dir, args.images_dir, args.out)
+                 for config in args.config}
     command = [sys.executable, __file__, "--out", str(args.out), "--params", str(args.params),
                *[f"--set=train.{'.'.join(path)}={json.dumps(value)}" for path, value in args.set]]
-    jobs = [(config, seed) for config in args.config for seed in args.seeds]
+    # seed by seed: if the deadline stops the queue, every config still has its first seeds
+    jobs = [(config, seed) for seed in args.seeds for config in args.config]
     done = run_queue(jobs, args.workers, deadline, command, runs_dir)
     summary = {"jobs": done, "configs": summarise(args.config, data_dirs, runs_dir, args.params)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -56,6 +56,17 @@ def test_config_parse():
         Config.parse("all,128")
 
 
+def test_config_with_augment_overrides_round_trips_and_names_its_data():
+    config = Config.parse("all,192,8,augment.target_per_class=750")
+    assert config.augment == (("target_per_class", 750),)
+    assert Config.parse(config.text) == config  # how a job reaches its process
+    assert config.name == "all_192px_8ep_target_per_class750"
+    assert config.data_name == "data-192px_target_per_class750" != Config("all", 192, 8).data_name
+    for bad in ("all,192,8,train.epochs=3", "all,192,8,augment.image_size=128", "all,192,8,augment.seed"):
+        with pytest.raises(argparse.ArgumentTypeError, match="augment.KEY=VALUE"):
+            Config.parse(bad)
+
+
 def test_score_run_scores_validation_alone(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(7), 10)
