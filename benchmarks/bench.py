@@ -51,7 +51,7 @@ from stages import train  # noqa: E402
 from stages.cpus import usable_cpus  # noqa: E402
 from stages.evaluate import EvaluateParams  # noqa: E402
 from stages.files import read_table  # noqa: E402
-from stages.images import load_image  # noqa: E402
+from stages.images import image_file, load_image  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_index, read_shards  # noqa: E402
 
@@ -286,7 +286,7 @@ def bench_input_pipeline(repo: Path, args: argparse.Namespace) -> dict:
     params, weights = model_params(repo)
     images, labels, _ = read_shards(data, "train")
     split = read_table(repo / "data" / "split" / "train.csv", required=("image_id", "label"))
-    paths = [str(repo / "data" / "raw" / "images" / f"{i}.jpg") for i in split["image_id"]]
+    paths = [str(image_file(repo / "data" / "raw" / "images", i)) for i in split["image_id"]]
     split_labels = split["label"].to_numpy()
     batch = params.batch_size
     steps = max(1, math.ceil(args.train_images / (batch * args.rounds)))
@@ -345,7 +345,7 @@ def bench_inference(repo: Path, args: argparse.Namespace) -> dict:
                            runs=3, warmup=1)
     batch_rate = n / (predict_ms / 1000)
 
-    path = repo / "data" / "raw" / "images" / f"{ids[0]}.jpg"
+    path = image_file(repo / "data" / "raw" / "images", ids[0])
     calls = {  # one compiled step; predict's per-call set-up; Keras's eager layer-by-layer call
         "predict_on_batch": model.predict_on_batch,
         "predict": lambda x: model.predict(x, verbose=0),

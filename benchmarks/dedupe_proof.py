@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import dedupe  # noqa: E402
-from stages.images import MAX_IMAGE_PIXELS  # noqa: E402
+from stages.images import MAX_IMAGE_PIXELS, image_file  # noqa: E402
 
 QUANTILES = (0.001, 0.01, 0.05, 0.5)
 
@@ -151,7 +151,7 @@ def exhaustive_section(meta, colours, candidates: pd.DataFrame, threshold: float
 def synthetic_section(meta, colours, raw: Path, sample: int, threshold: float, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(meta), size=min(sample, len(meta)), replace=False))
-    originals = [np.asarray(Image.open(raw / "images" / f"{meta['image_id'][k]}.jpg").convert("RGB"),
+    originals = [np.asarray(Image.open(image_file(raw / "images", meta["image_id"][k])).convert("RGB"),
                             dtype=np.float64) for k in chosen]
     pairs = pd.DataFrame({"i": np.arange(len(chosen)), "j": np.arange(len(chosen)) + len(chosen), "symmetry": 0})
     print(f"\n3. {len(chosen)} real images vs a colour-changed copy re-encoded at JPEG quality 75 "

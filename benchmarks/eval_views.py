@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
-from stages.images import load_image  # noqa: E402
+from stages.images import image_file, load_image  # noqa: E402
 from stages.inference import corrected, flips, mean_over_views  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
     views = [parse_view(v) for v in args.views]
     by_size = {train_size: images}
     for size in sorted({s for _, s in views if s and s != train_size}):
-        by_size[size] = np.stack([load_image(args.images / f"{i}.jpg", size) for i in image_ids])
+        by_size[size] = np.stack([load_image(image_file(args.images, i), size) for i in image_ids])
     args.out.mkdir(parents=True, exist_ok=True)
     scores: dict[str, dict[str, float]] = {}
     for path in args.models:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from stages.augment import AugmentParams, augment, draw_transform, working_copy  # noqa: E402
 from stages.classes import CLASSES, LABELS  # noqa: E402
 from stages.files import read_table  # noqa: E402
-from stages.images import open_rgb, resize_square  # noqa: E402
+from stages.images import image_file, open_rgb, resize_square  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     real, synthetic = [], []
     for image_id in table["image_id"]:
-        img = open_rgb(args.images_dir / f"{image_id}.jpg")
+        img = open_rgb(image_file(args.images_dir, image_id))
         real.append(resize_square(img, params.image_size))
         synthetic.append(augment(working_copy(img, params.image_size), draw_transform(rng, params), params.image_size))
     labels = table["dx"].map(LABELS).to_numpy()

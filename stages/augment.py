@@ -50,12 +50,12 @@ from stages.cli import run_stage
 from stages.cpus import usable_cpus
 from stages.errors import StageError
 from stages.files import atomic_dir, atomic_write_json, read_table
-from stages.images import ImageError, open_rgb, resize_square
+from stages.images import ImageError, image_file, open_rgb, resize_square
 from stages.params import PARAMS_FILE, in_range, load_params
 from stages.progress import track
 from stages.shards import copy_id, write_shards
 from stages.splits import SPLITS
-from stages.transforms import check_ranges, contrast_then_brightness
+from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.augment")
 
@@ -141,7 +141,7 @@ def plan_jobs(table, images_dir: Path, params: AugmentParams,
             sources = copy_sources(len(rows), added[name], params.seed, LABELS[name])
             for k, source in enumerate(sources):
                 copies_of[int(rows[source])].append(k)
-    jobs = [Job(image_id, Path(images_dir) / f"{image_id}.jpg", LABELS[name], tuple(copies_of[row]))
+    jobs = [Job(image_id, image_file(images_dir, image_id), LABELS[name], tuple(copies_of[row]))
             for row, (image_id, name) in enumerate(zip(table["image_id"], dx))]
     return jobs, added
 
@@ -200,11 +200,8 @@ def affine_coefficients(t: Transform, width: int, height: int) -> tuple[float, .
     rotated 4:3 photo is then squashed to a square just as a real one is).
     """
     angle = math.radians(t.degrees)
-    a, b = math.cos(angle) / t.zoom, -math.sin(angle) / t.zoom
-    d, e = -b, a
-    cx, cy = width / 2, height / 2
-    shift_x, shift_y = t.shift[0] * width, t.shift[1] * height
-    return (a, b, cx - a * cx - b * cy - shift_x, d, e, cy - d * cx - e * cy - shift_y)
+    return affine_about_centre(math.cos(angle) / t.zoom, math.sin(angle) / t.zoom, 1, 1, width / 2, height / 2,
+                               t.shift[0] * width, t.shift[1] * height)  # flips come after the resize
 
 
 def reflect_margins(coefficients: tuple[float, ...], width: int, height: int) -> tuple[int, int]:
@@ -375,9 +372,9 @@ def main(split_dir: Path = Path("data/split"), images_dir: Path = Path("data/raw
                 log_oversampling({dx: counts[dx] - added[dx] for dx in CLASSES}, added, params)
             else:
                 log.info("%s: %d images, resized only: %s", split, n, counts)
-            shards = write_shards(tmp, split, images, labels, ids, params.shard_images)
-            index["splits"][split] = {"images": n, "shards": shards, "class_counts": counts,
-                                      "augmented": added}
+            shards, stored = write_shards(tmp, split, images, labels, ids, params.shard_images)
+            index["splits"][split] = {"images": n, "stored_images": stored, "shards": shards,
+                                      "class_counts": counts, "augmented": added}
         atomic_write_json(tmp / "index.json", index)
     size_mb = sum(p.stat().st_size for p in Path(out_dir).iterdir()) / 1e6
     log.info("wrote %s: %s images at %dx%d, %.0f MB, in %.1f s with %d worker(s)", out_dir,

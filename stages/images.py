@@ -16,6 +16,14 @@ from stages.errors import StageError
 MAX_IMAGE_PIXELS = 50_000_000  # HAM10000 originals are 600x450; far beyond this is a bomb.
 
 
+def image_file(images_dir: Path, image_id: str) -> Path:
+    """The file of image `image_id` in download's flat layout (data/raw/images/<image_id>.jpg).
+
+    The one place that spells the layout out; dedupe's `list_images` reads it the other way.
+    """
+    return Path(images_dir) / f"{image_id}.jpg"
+
+
 class ImageError(StageError):
     """A file that is not a usable image; the message names the file and why."""
 

@@ -1,12 +1,17 @@
 """The shard contract between augment and the stages that read images as arrays.
 
 data/augmented/ holds index.json ({"image_size", "seed", "splits": {split: {"images", "shards",
-...}}}) and, per split, uncompressed .npz shards with images (uint8 NHWC), labels and image_ids.
+...}}}) and, per split, uncompressed .npz shards. A split is a list of rows (label, image_id,
+pixels). Rows with the same pixels (augment's repeated copies: half of train's rows) share one
+stored image, so each shard holds its rows' `labels`, `image_ids` and `stored` (the index of each
+row's image among the split's stored images) and `images`: the stored images (uint8 NHWC) whose
+first row falls in the shard. `read_shards` gives every row its pixels back.
 Readers of shards never decode an image file. An image_id is a real image's id, or, for one of
 augment's oversampled copies, its source's id + "+aug<k>" (`copy_id`, `is_copy`).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +37,43 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:03d}.npz"
 
 
+def stored_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, stored): the rows whose pixels are stored (first of each distinct image, in row
+    order) and, for every row, the index of its pixels among them. Equal pixels are proven equal,
+    not only equal in hash."""
+    first: list[int] = []
+    by_digest: dict[bytes, int] = {}
+    stored = np.empty(len(images), np.int64)
+    for row, image in enumerate(images):
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        k = by_digest.setdefault(digest, len(first))
+        if k == len(first):
+            first.append(row)
+        elif not np.array_equal(images[first[k]], image):
+            raise AssertionError(f"blake2b collision between rows {first[k]} and {row}")
+        stored[row] = k
+    return np.asarray(first, np.int64), stored
+
+
 def write_shards(folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                 image_ids: np.ndarray, shard_images: int) -> list[str]:
-    """Write one split as a few uncompressed .npz shards (images uint8 NHWC, labels, image_ids)."""
+                 image_ids: np.ndarray, shard_images: int) -> tuple[list[str], int]:
+    """Write one split as a few uncompressed .npz shards of `shard_images` rows each (see module
+    docstring); returns the shard names and the number of stored images."""
+    first, stored = stored_images(images)
     names = []
     for k, start in enumerate(range(0, max(len(images), 1), shard_images)):
         name = shard_name(split, k)
         stop = start + shard_images
+        new = first[(first >= start) & (first < stop)]  # images first needed by this shard's rows
         with open(Path(folder) / name, "wb") as f:
-            np.savez(f, images=images[start:stop], labels=labels[start:stop],
+            np.savez(f, images=images[new], labels=labels[start:stop], stored=stored[start:stop],
                      image_ids=np.asarray(image_ids[start:stop], dtype=str))
         names.append(name)
-    return names
+    return names, len(first)
 
 
 def read_shards(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Load one split written by augment: (images uint8 NHWC, labels int64, image_ids str)."""
+    """Load one split written by augment, one entry per row: (images uint8 NHWC, labels int64, image_ids str)."""
     folder = Path(folder)
     index = read_index(folder)
     if split not in index["splits"]:
@@ -57,15 +83,18 @@ def read_shards(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nd
         path = folder / name
         try:
             with np.load(path, allow_pickle=False) as z:
-                parts.append((z["images"], z["labels"].astype(np.int64), z["image_ids"]))
+                parts.append((z["images"], z["labels"].astype(np.int64), z["image_ids"], z["stored"]))
         except (OSError, ValueError, KeyError) as err:
             raise StageError(f"{path}: unreadable shard ({err}); re-run: dvc repro augment") from None
-    images, labels, ids = (np.concatenate(p) for p in zip(*parts))
+    pixels, labels, ids, stored = (np.concatenate(p) for p in zip(*parts))
+    if len(stored) and not 0 <= stored.min() <= stored.max() < len(pixels):
+        raise StageError(f"{folder}: {split} rows point past its {len(pixels)} stored images; "
+                         "re-run: dvc repro augment")
     size = index["image_size"]
-    if images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-        raise StageError(f"{folder}: {split} images are {images.shape[1:]} {images.dtype}, "
+    if pixels.shape[1:] != (size, size, 3) or pixels.dtype != np.uint8:
+        raise StageError(f"{folder}: {split} images are {pixels.shape[1:]} {pixels.dtype}, "
                          f"index.json says ({size}, {size}, 3) uint8")
-    return images, labels, ids
+    return pixels[stored], labels, ids
 
 
 def read_index(folder: Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from stages.cli import run_stage
 from stages.errors import ParamError, StageError
 from stages.params import PARAMS_FILE, in_range, load_params
 from stages.shards import read_index, read_shards
-from stages.transforms import check_ranges, contrast_then_brightness
+from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.train")
 
@@ -267,11 +267,9 @@ def affine_transforms(seed, batch: int, side: int, augmentation: Augmentation):
     shift_x = uniform(shift_x_seed, augmentation.shift_fraction) * side
     shift_y = uniform(shift_y_seed, augmentation.shift_fraction) * side
     fx, fy = sign(flip_x_seed), sign(flip_y_seed)
-    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    a0, a1, b0, b1 = cos * fx, -sin * fy, sin * fx, cos * fy
     c = (side - 1) / 2
-    a2 = c - a0 * c - a1 * c - shift_x
-    b2 = c - b0 * c - b1 * c - shift_y
+    a0, a1, a2, b0, b1, b2 = affine_about_centre(tf.cos(angle) / zoom, tf.sin(angle) / zoom, fx, fy,
+                                                 c, c, shift_x, shift_y)
     zeros = tf.zeros([batch])
     return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
 

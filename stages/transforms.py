@@ -1,7 +1,7 @@
-"""What augment's synthetic copies and train's on-line augmentation share: ranges and colour.
+"""What augment's synthetic copies and train's on-line augmentation share: ranges, geometry, colour.
 
 Both draw a rotation, shift, zoom, brightness and contrast change from ranges checked here once,
-and change colour with one formula, so a copy made by `augment` (numpy, at the source's
+and move and colour pixels with one formula each, so a copy made by `augment` (numpy, at the source's
 resolution) and an image augmented by `train` (TensorFlow, every epoch) differ in their random
 draws only. A rotation near 90 degrees swaps which axis augment's 4:3 -> square resize stretched:
 the model sees lesions squashed both ways (flips, used at test time, keep the axis).
@@ -28,3 +28,15 @@ def contrast_then_brightness(pixels, mean, contrast, brightness):
     clips to [0, 255] in its own library).
     """
     return ((pixels - mean) * contrast + mean) * brightness
+
+
+def affine_about_centre(cos, sin, flip_x, flip_y, centre_x, centre_y, shift_x, shift_y):
+    """(a0, a1, a2, b0, b1, b2): output pixel (x, y) samples the source at (a0 x + a1 y + a2, b0 x + b1 y + b2).
+
+    A = R(angle) diag(flip_x, flip_y) / zoom about the centre, then the shift; `cos` and `sin` are
+    the angle's, already divided by the zoom, and flips are +-1. Plain arithmetic, like the colour
+    formula: floats in augment (PIL's AFFINE data), tensors in train (ImageProjectiveTransformV3 rows).
+    """
+    a0, a1, b0, b1 = cos * flip_x, -sin * flip_y, sin * flip_x, cos * flip_y
+    return (a0, a1, centre_x - a0 * centre_x - a1 * centre_y - shift_x,
+            b0, b1, centre_y - b0 * centre_x - b1 * centre_y - shift_y)

@@ -42,7 +42,7 @@ def make_shards(folder: Path, size: int = 32, per_class: dict[str, int] | None =
         base = (labels[:, None] * 36 + np.array([0, 80, 160])) % 256
         images = np.clip(base[:, None, None, :] + rng.normal(0, 20, (len(labels), size, size, 3)), 0, 255)
         ids = np.array([f"ISIC_{split}_{i:04d}" for i in range(len(labels))])
-        shards = write_shards(folder, split, images.astype(np.uint8), labels, ids, shard_images=50)
+        shards, _ = write_shards(folder, split, images.astype(np.uint8), labels, ids, shard_images=50)
         index["splits"][split] = {"images": len(labels), "shards": shards,
                                   "class_counts": {dx: n for dx in CLASSES}}
     (folder / "index.json").write_text(json.dumps(index))

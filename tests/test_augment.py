@@ -104,9 +104,10 @@ def test_shards_round_trip_through_read_shards(project):
         assert images.shape == (entry["images"], 32, 32, 3) and images.dtype == np.uint8
         assert labels.dtype == np.int64 and ids.dtype.kind == "U"
         assert len(labels) == len(ids) == entry["images"] == sum(entry["class_counts"].values())
+        assert entry["stored_images"] == len(np.unique(images, axis=0))
         for name in entry["shards"]:
             with np.load(out / name) as shard:
-                assert len(shard["images"]) <= PARAMS["shard_images"]
+                assert len(shard["labels"]) <= PARAMS["shard_images"]
 
 
 @pytest.mark.parametrize("real, target, cap, added", [
@@ -168,7 +169,9 @@ def test_repeated_copies_are_the_resized_real_image_and_ignore_the_transform_par
         assert label == project.label_of(source_id(image_id))
         np.testing.assert_array_equal(image, project.source(source_id(image_id)))
     plan = read_index(project.run("synthetic"))["splits"]["train"]["augmented"]
-    assert read_index(out)["splits"]["train"]["augmented"] == plan
+    train = read_index(out)["splits"]["train"]
+    assert train["augmented"] == plan
+    assert train["stored_images"] == len(ids) - len(copies)  # a repeat is stored once, with its source
 
 
 def test_sources_are_used_about_equally(project):

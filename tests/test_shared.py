@@ -1,7 +1,8 @@
 """The small shared modules: the one range check, the one JSON reader, the one CPU count, the copy
-ids, the transform ranges and colour formula shared by augment and train."""
+ids and shard format, the transform ranges, geometry and colour formula shared by augment and train."""
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -12,8 +13,8 @@ from stages.cpus import usable_cpus
 from stages.errors import StageError
 from stages.files import read_json
 from stages.params import in_range
-from stages.shards import copy_id, is_copy
-from stages.transforms import check_ranges, contrast_then_brightness
+from stages.shards import copy_id, is_copy, read_shards, write_shards
+from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
@@ -71,3 +72,48 @@ def test_colour_change_keeps_the_mean_under_contrast_and_scales_it_by_brightness
     pixels = np.array([50.0, 100.0, 150.0])
     assert contrast_then_brightness(pixels, 100.0, 2.0, 1.0).tolist() == [0.0, 100.0, 200.0]
     assert contrast_then_brightness(pixels, 100.0, 1.0, 0.5).tolist() == [25.0, 50.0, 75.0]
+
+
+def write_split(folder, images, shard_images):
+    labels = np.arange(len(images)) % 7
+    ids = np.array([f"ISIC_{k:07d}" for k in range(len(images))])
+    names, stored = write_shards(folder, "train", images, labels, ids, shard_images)
+    index = {"image_size": images.shape[1], "seed": 0, "splits": {"train": {"shards": names}}}
+    (folder / "index.json").write_text(json.dumps(index))
+    return labels, ids, stored
+
+
+def test_shards_store_repeated_pixels_once_and_give_every_row_its_own_back(tmp_path):
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    rows = np.array([0, 1, 0, 2, 3, 1, 0, 4, 4, 2, 3])  # repeats fall in other shards than their first
+    labels, ids, stored = write_split(tmp_path, distinct[rows], shard_images=3)
+    assert stored == 5
+    with np.load(tmp_path / "train-002.npz") as shard:  # rows 6-8: only image 4 is new there
+        assert len(shard["images"]) == 1 and len(shard["labels"]) == 3
+    images, read_labels, read_ids = read_shards(tmp_path, "train")
+    np.testing.assert_array_equal(images, distinct[rows])
+    assert read_labels.tolist() == labels.tolist() and read_ids.tolist() == ids.tolist()
+
+
+def test_shards_pointing_past_their_images_are_refused(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (4, 4, 4, 3), dtype=np.uint8)
+    write_split(tmp_path, images, shard_images=4)
+    with np.load(tmp_path / "train-000.npz") as shard:
+        arrays = dict(shard)
+    arrays["stored"][0] = 9
+    with open(tmp_path / "train-000.npz", "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(StageError, match="point past its 4 stored images.*dvc repro augment"):
+        read_shards(tmp_path, "train")
+
+
+def test_affine_about_centre_turns_about_the_centre_then_shifts():
+    angle, zoom, centre = np.pi / 2, 2.0, 10.0
+    a0, a1, a2, b0, b1, b2 = affine_about_centre(np.cos(angle) / zoom, np.sin(angle) / zoom, -1, 1,
+                                                 centre, centre, 3.0, 0.0)
+    def source(x, y):
+        return a0 * x + a1 * y + a2, b0 * x + b1 * y + b2
+    np.testing.assert_allclose(source(centre, centre), (centre - 3, centre), atol=1e-12)  # centre: shifted only
+    # one pixel right of the centre: flipped (-1), turned a quarter, halved by the zoom
+    np.testing.assert_allclose(source(centre + 1, centre), (centre - 3, centre - 0.5), atol=1e-12)
