@@ -547,7 +547,10 @@ def copy_entry(src: BinaryIO, dst: BinaryIO, declared: int) -> None:
 
 
 def flat_name(entry_name: str) -> str:
-    return entry_name.rsplit("/", 1)[-1]
+    """The file an image entry becomes in images/: its base name, with the suffix spelled `.jpg`
+    (ISIC_1.JPEG -> ISIC_1.jpg), the one layout every later stage reads (images.image_file)."""
+    base = entry_name.rsplit("/", 1)[-1]
+    return base[:base.rfind(".")] + ".jpg"
 
 
 def claim(names: dict[str, str], name: str, origin: str) -> None:
@@ -588,9 +591,9 @@ def copy_folder_images(folder: Path, images_dir: Path, taken: dict[str, str]) ->
     """Kaggle's extracted layout: a flat folder of JPEGs, copied as they are."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
     for path in files:
-        claim(taken, path.name, str(folder))
+        claim(taken, flat_name(path.name), str(folder))
     for path in files:
-        shutil.copyfile(path, images_dir / path.name)
+        shutil.copyfile(path, images_dir / flat_name(path.name))
     log.info("%s: %d images copied", folder, len(files))
     return len(files)
 

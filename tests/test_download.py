@@ -391,6 +391,19 @@ def test_local_dir_with_kaggle_folders(workdir, sleeps):
     assert source()["files"] == {P1: None, P2: None, META: hashlib.sha256(CSV).hexdigest()}  # folders: no file
 
 
+def test_other_jpeg_suffixes_become_jpg_as_later_stages_read_them(workdir, sleeps):
+    local = workdir / "local"
+    local.mkdir()
+    suffixes = {1: "JPG", 2: "jpeg", 3: "JPEG", 4: "jpg", 5: "Jpg"}
+    parts = {P1: make_zip({f"ISIC_000000{i}.{suffixes[i]}": jpeg(i) for i in (1, 2, 3)}),
+             P2: make_zip({f"sub/ISIC_000000{i}.{suffixes[i]}": jpeg(i) for i in (4, 5)}), META: CSV}
+    for name, data in parts.items():
+        (local / name).write_bytes(data)
+    write_params(local_dir=str(local))
+    download.main()
+    assert raw_files() == expected_raw()
+
+
 def test_local_dir_missing_a_file_names_it(previous_raw):
     Path("empty").mkdir()
     write_params(local_dir="empty")
@@ -423,6 +436,8 @@ HOSTILE = {
                      "'ISIC_lie.jpg' does not match its declared size"),
     "same-image-in-both-parts": (make_zip({"ISIC_0000004.jpg": jpeg(4)}), {},
                                  "ISIC_0000004.jpg would overwrite"),
+    "same-image-as-jpg-and-jpeg": (make_zip({"ISIC_0000001.jpg": jpeg(1), "ISIC_0000001.jpeg": jpeg(2)}), {},
+                                   "ISIC_0000001.jpg would overwrite"),
 }
 
 
