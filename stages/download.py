@@ -588,7 +588,7 @@ def extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, arch
 
 
 def copy_folder_images(folder: Path, images_dir: Path, taken: dict[str, str]) -> int:
-    """Kaggle's extracted layout: a flat folder of JPEGs, copied as they are."""
+    """Kaggle's extracted layout: a flat folder of JPEGs, copied byte for byte (named as `flat_name` says)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
     for path in files:
         claim(taken, flat_name(path.name), str(folder))
