@@ -88,14 +88,18 @@ class Config:
                          *(f"augment.{key}={value}" for key, value in self.augment)])
 
     @property
+    def overrides(self) -> str:
+        """The augment overrides as a file-name part: `_target_per_class750`, or empty."""
+        return "".join(f"_{key}{value}" for key, value in self.augment)
+
+    @property
     def data_name(self) -> str:
         """The folder of the rendered data: one per input size and augment overrides."""
-        return f"data-{self.image_size}px" + "".join(f"_{key}{value}" for key, value in self.augment)
+        return f"data-{self.image_size}px{self.overrides}"
 
     @property
     def name(self) -> str:
-        return f"{self.trainable_from}_{self.image_size}px_{self.epochs}ep" + "".join(
-            f"_{key}{value}" for key, value in self.augment)
+        return f"{self.trainable_from}_{self.image_size}px_{self.epochs}ep{self.overrides}"
 
 
 def online_augment_layer(augmentation: train.Augmentation, seed: int):
