@@ -62,21 +62,20 @@ def main() -> None:
         record = json.loads(npz.with_suffix(".json").read_text())
         rows[npz.stem]["train_minutes"] = record.get("train_minutes")
     summary = {"runs": rows}
-    for split in ("val", "test"):
+    splits = [split for split in ("val", "test") if all(split in r for r in rows.values())]
+    for split in splits:
         for key in ("balanced_accuracy", "balanced_accuracy_plain", "mel_sensitivity"):
             summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in rows.values()])
         summary[f"{split}_operating_point_mel_sensitivity"] = mean_sd(
             [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()])
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, r in rows.items():
-        print(f"{name}: val {r['val']['balanced_accuracy']:.4f} (plain {r['val']['balanced_accuracy_plain']:.4f}) "
-              f"test {r['test']['balanced_accuracy']:.4f} (plain {r['test']['balanced_accuracy_plain']:.4f}) "
-              f"mel@op val {r['val']['operating_point']['mel_sensitivity']:.3f} "
-              f"test {r['test']['operating_point']['mel_sensitivity']:.3f} strength {r['prior_strength']}")
+        print(f"{name}: strength {r['prior_strength']}", *(
+            f"{split} {r[split]['balanced_accuracy']:.4f} (plain {r[split]['balanced_accuracy_plain']:.4f}) "
+            f"mel@op {r[split]['operating_point']['mel_sensitivity']:.3f}" for split in splits))
     for key, value in summary.items():
         if key != "runs":
             print(key, value)
-
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,16 @@
 """Train one configuration with several seeds and keep each run's probabilities on val and test.
 
-    python benchmarks/seeds.py --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...]
+    python benchmarks/seeds.py --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...] [--test]
     (nested keys as dvc exp run -S takes them: --set train.augmentation.rotation_degrees=0)
 
 Why: one validation balanced accuracy has a standard error of about 0.03 and moves by several points
 from seed to seed, so configurations are compared on the mean over seeds (docs/experiments.md).
 Each seed's model is trained by `stages.train.train` exactly as the pipeline does (same data in
 data/augmented, the `train` section of params.yaml with the overrides given), then its class
-probabilities on val and test, with and without test-time flips, are written to
-`<out>/seed<N>.npz` beside its model, training curves and wall time (`<out>/seed<N>.json`).
+probabilities on val (and, with `--test`, on test), with and without test-time flips, are written
+to `<out>/seed<N>.npz` beside its model, training curves and wall time (`<out>/seed<N>.json`).
 Scoring is left to `benchmarks/score_seeds.py`, so that the decision rule can be changed without
-retraining. Test probabilities are kept for the committed configuration only; read them once.
+retraining. `--test` is for the committed configuration only: a sweep never computes test.
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/augmented"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="train.KEY=VALUE")
+    parser.add_argument("--test", action="store_true",
+                        help="also keep test probabilities (the committed configuration only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -73,7 +75,7 @@ def main() -> None:
 
         model = keras.saving.load_model(model_path)
         probabilities = {}
-        for split in ("val", "test"):
+        for split in ("val", "test") if args.test else ("val",):
             images, labels, _ = read_shards(args.data, split)
             probabilities[f"{split}_labels"] = labels
             for tta in ("none", "flips"):
