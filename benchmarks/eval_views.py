@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
 from stages.images import image_file, load_image  # noqa: E402
+from stages.inference import VIEWS as PIPELINE_VIEWS  # noqa: E402
 from stages.inference import corrected, flips, mean_over_views  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
@@ -47,7 +48,7 @@ def dihedral(images: np.ndarray) -> list[np.ndarray]:
     return flips(images) + flips(images.transpose(0, 2, 1, 3))
 
 
-VIEWS = {"none": lambda images: [images], "flips": flips, "dihedral": dihedral}
+VIEWS = {**PIPELINE_VIEWS, "dihedral": dihedral}  # evaluate's own views and one more
 
 
 def resized_model(model, size: int, params: TrainParams):

@@ -18,6 +18,7 @@ One module, used by `evaluate` (which chooses the correction and the threshold o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,13 +35,17 @@ def flips(images: np.ndarray) -> list[np.ndarray]:
     return [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
 
 
+VIEWS: dict[str, Callable[[np.ndarray], list[np.ndarray]]] = {"none": lambda images: [images], "flips": flips}
+"""The views of an image batch whose probabilities are averaged, by `tta` setting."""
+
+
 def predict_proba(model, images: np.ndarray, tta: TTA = "none", batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, 7) of `images` (uint8 or float pixels in [0, 255]).
 
     `model` is a Keras model or any callable mapping a float32 batch to probabilities (a TFLite
     interpreter wrapped by `export`).
     """
-    return mean_over_views(model, flips(images) if tta == "flips" else [images], batch_size)
+    return mean_over_views(model, VIEWS[tta](images), batch_size)
 
 
 def mean_over_views(model, views: list[np.ndarray], batch_size: int = 64) -> np.ndarray:

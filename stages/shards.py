@@ -39,18 +39,18 @@ def shard_name(split: str, index: int) -> str:
 
 def stored_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first, stored): the rows whose pixels are stored (first of each distinct image, in row
-    order) and, for every row, the index of its pixels among them. Equal pixels are proven equal,
-    not only equal in hash."""
+    order) and, for every row, the index of its pixels among them. A hash only finds candidates:
+    a row shares a stored image only if their pixels are equal, so a collision stores both."""
     first: list[int] = []
-    by_digest: dict[bytes, int] = {}
+    by_digest: dict[bytes, list[int]] = {}
     stored = np.empty(len(images), np.int64)
     for row, image in enumerate(images):
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
-        k = by_digest.setdefault(digest, len(first))
-        if k == len(first):
+        candidates = by_digest.setdefault(hashlib.blake2b(image.tobytes(), digest_size=16).digest(), [])
+        k = next((k for k in candidates if np.array_equal(images[first[k]], image)), None)
+        if k is None:
+            k = len(first)
             first.append(row)
-        elif not np.array_equal(images[first[k]], image):
-            raise AssertionError(f"blake2b collision between rows {first[k]} and {row}")
+            candidates.append(k)
         stored[row] = k
     return np.asarray(first, np.int64), stored
 

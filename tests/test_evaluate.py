@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import typing
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc
 from stages import evaluate, train
 from stages.classes import CLASSES
 from stages.errors import ParamError
-from stages.inference import Decision, corrected, decide, predict_proba, threshold_for_sensitivity
+from stages.inference import TTA, VIEWS, Decision, corrected, decide, predict_proba, threshold_for_sensitivity
 from tests.conftest import TINY_TRAIN
 from tests.fixtures import write_params
 
@@ -152,6 +153,10 @@ def test_flip_tta_averages_the_four_flips():
     np.testing.assert_allclose(proba[:, 0], np.mean(corners, axis=0) / len(CLASSES), rtol=1e-6)
     assert len(predict_proba(Model(), images, tta="none")) == 2 and len(seen) == 5
 
+
+
+def test_every_tta_setting_has_its_views():
+    assert set(VIEWS) == set(typing.get_args(TTA))
 
 def write_split_csvs(folder, shards):
     from stages.shards import read_shards

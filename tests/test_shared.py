@@ -96,6 +96,22 @@ def test_shards_store_repeated_pixels_once_and_give_every_row_its_own_back(tmp_p
     assert read_labels.tolist() == labels.tolist() and read_ids.tolist() == ids.tolist()
 
 
+def test_shards_store_both_images_of_a_hash_collision(tmp_path, monkeypatch):
+    class Colliding:  # every image gets the same digest: only the pixel comparison tells them apart
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def digest(self):
+            return b"same"
+
+    monkeypatch.setattr("stages.shards.hashlib.blake2b", Colliding)
+    distinct = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    rows = np.array([0, 1, 0, 2, 1])
+    _, _, stored = write_split(tmp_path, distinct[rows], shard_images=2)
+    assert stored == 3
+    np.testing.assert_array_equal(read_shards(tmp_path, "train")[0], distinct[rows])
+
+
 def test_shards_pointing_past_their_images_are_refused(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (4, 4, 4, 3), dtype=np.uint8)
     write_split(tmp_path, images, shard_images=4)
