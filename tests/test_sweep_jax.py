@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 import numpy as np
 import pytest
 
+from benchmarks import score_seeds
 from benchmarks.score_seeds import score_run
 from benchmarks.sweep_jax import Config, online_augment_layer
+from stages.classes import CLASSES
 from stages.evaluate import EvaluateParams
 from stages.train import Augmentation
+from tests.fixtures import write_params
 
 FLIPS_ONLY = Augmentation(flip=True, rotation_degrees=0, shift_fraction=0, zoom_fraction=0, brightness=0, contrast=0)
 COMMITTED = Augmentation(flip=True, rotation_degrees=180, shift_fraction=0.05, zoom_fraction=0.1,
@@ -67,15 +72,37 @@ def test_config_with_augment_overrides_round_trips_and_names_its_data():
             Config.parse(bad)
 
 
-def test_score_run_scores_validation_alone(tmp_path):
+def val_only_run(path):
+    """A sweep's run file: validation labels and probabilities, no test."""
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(7), 10)
     proba = rng.dirichlet(np.ones(7), size=len(labels))
     proba[np.arange(len(labels)), labels] += 1  # mostly right
     proba /= proba.sum(axis=1, keepdims=True)
-    np.savez(tmp_path / "run.npz", val_labels=labels, val_none=proba, val_flips=proba)
+    np.savez(path, val_labels=labels, val_none=proba, val_flips=proba)
+    return labels, proba
+
+
+def test_score_run_scores_validation_alone(tmp_path):
+    labels, proba = val_only_run(tmp_path / "run.npz")
     params = EvaluateParams(batch_size=8, tta="flips", prior_strengths=[0.0], mel_sensitivity_target=0.85,
                             bootstrap_samples=100, seed=0)
     row = score_run(tmp_path / "run.npz", params, labels)
     assert set(row) == {"prior_strength", "mel_threshold", "val"}
     assert row["val"]["balanced_accuracy"] == pytest.approx(np.mean(proba.argmax(1) == labels), abs=1e-9)
+
+
+def test_score_seeds_summarises_runs_without_test(tmp_path, monkeypatch, capsys):
+    runs, data = tmp_path / "runs", tmp_path / "augmented"
+    runs.mkdir()
+    data.mkdir()
+    for seed in (1, 2):
+        val_only_run(runs / f"seed{seed}.npz")
+        (runs / f"seed{seed}.json").write_text(json.dumps({"train_minutes": 1.0}))
+    (data / "index.json").write_text(json.dumps({"splits": {"train": {"class_counts": dict.fromkeys(CLASSES, 10)}}}))
+    params = write_params(tmp_path / "params.yaml", evaluate={"prior_strengths": [0.0]})
+    monkeypatch.setattr(sys, "argv", ["score_seeds", str(runs), "--params", str(params), "--data", str(data)])
+    score_seeds.main()
+    summary = json.loads((runs / "summary.json").read_text())
+    assert summary["val_balanced_accuracy"]["n"] == 2 and not any(key.startswith("test") for key in summary)
+    assert "seed2: strength 0.0 val" in capsys.readouterr().out
