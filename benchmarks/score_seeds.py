@@ -77,5 +77,6 @@ def main() -> None:
         if key != "runs":
             print(key, value)
 
+
 if __name__ == "__main__":
     main()

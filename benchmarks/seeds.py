@@ -1,4 +1,4 @@
-"""Train one configuration with several seeds and keep each run's probabilities on val and test.
+"""Train one configuration with several seeds and keep each run's probabilities on val (and test).
 
     python benchmarks/seeds.py --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...] [--test]
     (nested keys as dvc exp run -S takes them: --set train.augmentation.rotation_degrees=0)

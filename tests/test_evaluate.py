@@ -154,9 +154,9 @@ def test_flip_tta_averages_the_four_flips():
     assert len(predict_proba(Model(), images, tta="none")) == 2 and len(seen) == 5
 
 
-
 def test_every_tta_setting_has_its_views():
     assert set(VIEWS) == set(typing.get_args(TTA))
+
 
 def write_split_csvs(folder, shards):
     from stages.shards import read_shards
