@@ -1,10 +1,12 @@
 """Cost of a training epoch by trainable depth and input size, and what a frozen-feature cache would save.
 
     python benchmarks/epoch_cost.py [--sizes 128 160 192] [--depths conv_dw_11 conv_dw_6 all] [--out FILE]
+        [--batch-sizes 16 32 64] [--batchnorm frozen trained]
 
 Why: the recipe (depth, input size, epochs) must fit 45 minutes on 2 CPU cores, so its cost is
-measured, not guessed. For each (depth, size) it times `train_on_batch` on a batch of 32 (after
-warm-up) and the forward pass of the frozen layers alone. With BatchNorm frozen and no dropout in
+measured, not guessed. For each (depth, size, batch size, BatchNorm mode) it times `train_on_batch`
+(after warm-up) and the forward pass of the frozen layers alone; an epoch is the steps that 11,542
+training rows take at that batch size. With BatchNorm frozen and no dropout in
 the body, the frozen layers are a fixed function of their input: a cache of their outputs would
 save at most that forward time per step (less with on-line augmentation, which changes the input
 every epoch). `cache_speedup` = step / (step - frozen forward) is that upper bound.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -28,7 +31,7 @@ import numpy as np  # noqa: E402
 from stages import train  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
-STEPS_PER_EPOCH = 361  # 11,542 training images (the mirror, augment defaults) / batch 32
+TRAIN_ROWS = 11_542  # training rows per epoch (the mirror, augment defaults)
 
 
 def timed(fn, repeats: int) -> float:
@@ -60,9 +63,11 @@ def measure(params: train.TrainParams, size: int, repeats: int) -> dict:
         last_frozen = model.layers[first_trainable - 1]._inbound_nodes[-1].output_tensors[0]
         body = keras.Model(model.inputs, last_frozen)
         frozen_forward = timed(lambda: body.predict_on_batch(x), repeats)
-    return {"trainable_from": params.trainable_from, "image_size": size,
-            "policy": keras.config.dtype_policy().name, "step_s": round(step, 4),
-            "epoch_min": round(step * STEPS_PER_EPOCH / 60, 2), "frozen_forward_s": round(frozen_forward, 4),
+    steps_per_epoch = -(-TRAIN_ROWS // params.batch_size)
+    return {"trainable_from": params.trainable_from, "image_size": size, "batch_size": params.batch_size,
+            "freeze_batchnorm": params.freeze_batchnorm, "policy": keras.config.dtype_policy().name,
+            "step_s": round(step, 4), "image_ms": round(1000 * step / params.batch_size, 2),
+            "epoch_min": round(step * steps_per_epoch / 60, 2), "frozen_forward_s": round(frozen_forward, 4),
             "cache_speedup": round(step / max(step - frozen_forward, 1e-9), 2)}
 
 
@@ -74,18 +79,22 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/epoch_cost.json"))
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: params.yaml's train.batch_size")
+    parser.add_argument("--batchnorm", nargs="+", choices=["frozen", "trained"],
+                        help="default: params.yaml's train.freeze_batchnorm")
     args = parser.parse_args()
     import keras
 
     keras.config.set_dtype_policy(args.policy)
     base = load_params("train", train.TrainParams, args.params)
+    batch_sizes = args.batch_sizes or [base.batch_size]
+    frozen_modes = [mode == "frozen" for mode in args.batchnorm] if args.batchnorm else [base.freeze_batchnorm]
     rows = []
-    for depth in args.depths:
-        for size in args.sizes:
-            rows.append(measure(dataclasses.replace(base, trainable_from=depth), size, args.repeats))
-            print(json.dumps(rows[-1]), flush=True)
-    args.out.write_text(json.dumps({"batch_size": base.batch_size, "steps_per_epoch": STEPS_PER_EPOCH,
-                                    "rows": rows}, indent=2) + "\n")
+    for depth, size, batch_size, frozen in itertools.product(args.depths, args.sizes, batch_sizes, frozen_modes):
+        params = dataclasses.replace(base, trainable_from=depth, batch_size=batch_size, freeze_batchnorm=frozen)
+        rows.append(measure(params, size, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.write_text(json.dumps({"train_rows": TRAIN_ROWS, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
