@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from stages import train  # noqa: E402
-from stages.inference import predict_proba  # noqa: E402
+from stages.inference import VIEWS, predict_proba  # noqa: E402
 from stages.params import from_dict, load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
         for split in ("val", "test") if args.test else ("val",):
             images, labels, _ = read_shards(args.data, split)
             probabilities[f"{split}_labels"] = labels
-            for tta in ("none", "flips"):
+            for tta in VIEWS:  # every `evaluate.tta` setting, so score_seeds can apply any
                 probabilities[f"{split}_{tta}"] = predict_proba(model, images, tta=tta)
         np.savez(args.out / f"seed{seed}.npz", **probabilities)
         record = {"seed": seed, "params": dataclasses.asdict(params), "train_minutes": round(minutes, 2), **summary}

@@ -49,7 +49,7 @@ from benchmarks.score_seeds import mean_sd, score_run  # noqa: E402
 from benchmarks.seeds import parse_override, train_params  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
-from stages.inference import predict_proba  # noqa: E402
+from stages.inference import VIEWS, predict_proba  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 from stages.transforms import affine_about_centre, contrast_then_brightness  # noqa: E402
@@ -179,7 +179,7 @@ def train_run(config: Config, seed: int, data_dir: Path, params_path: Path,
                           callbacks=[train.epoch_callback(val_images, val_labels, params), timer], verbose=0)
     minutes = (time.perf_counter() - started) / 60
     np.savez(runs_dir / f"{config.name}_seed{seed}.npz", val_labels=val_labels,
-             **{f"val_{tta}": predict_proba(model, val_images, tta=tta) for tta in ("none", "flips")})
+             **{f"val_{tta}": predict_proba(model, val_images, tta=tta) for tta in VIEWS})
     record = {"config": dataclasses.asdict(config), "seed": seed, "params": dataclasses.asdict(params),
               "train_minutes": round(minutes, 2),
               "epoch_seconds": np.diff([started, *epoch_times]).round(1).tolist(),
