@@ -133,7 +133,8 @@ def online_augment_layer(augmentation: train.Augmentation, seed: int):
             c = (side - 1) / 2
             zeros = ops.zeros((batch,))
             rows = ops.stack([*affine_about_centre(ops.cos(angle) / zoom, ops.sin(angle) / zoom, fx, fy,
-                                                   c, c, shift_x, shift_y), zeros, zeros], axis=1)
+                                                   c, c, shift_x, shift_y, augmentation.photo_aspect),
+                              zeros, zeros], axis=1)
             images = ops.image.affine_transform(images, rows, interpolation="bilinear", fill_mode="reflect")
             brightness = 1 + self.uniform((batch, 1, 1, 1), augmentation.brightness)
             contrast = 1 + self.uniform((batch, 1, 1, 1), augmentation.contrast)

@@ -63,10 +63,12 @@ class Augmentation:
     zoom_fraction: float          # scale uniform in 1 +- this (> 1 magnifies)
     brightness: float             # multiplier uniform in 1 +- this
     contrast: float               # multiplier of each pixel's distance to the image's mean, 1 +- this
+    photo_aspect: float           # width / height of the photos augment squashed to a square: turn those
 
     def __post_init__(self) -> None:
         check_ranges(self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
                      self.contrast)
+        in_range("photo_aspect", self.photo_aspect, 0.25, 4)
 
     @property
     def active(self) -> bool:
@@ -269,7 +271,7 @@ def affine_transforms(seed, batch: int, side: int, augmentation: Augmentation):
     fx, fy = sign(flip_x_seed), sign(flip_y_seed)
     c = (side - 1) / 2
     a0, a1, a2, b0, b1, b2 = affine_about_centre(tf.cos(angle) / zoom, tf.sin(angle) / zoom, fx, fy,
-                                                 c, c, shift_x, shift_y)
+                                                 c, c, shift_x, shift_y, augmentation.photo_aspect)
     zeros = tf.zeros([batch])
     return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
 

@@ -3,8 +3,10 @@
 Both draw a rotation, shift, zoom, brightness and contrast change from ranges checked here once,
 and move and colour pixels with one formula each, so a copy made by `augment` (numpy, at the source's
 resolution) and an image augmented by `train` (TensorFlow, every epoch) differ in their random
-draws only. A rotation near 90 degrees swaps which axis augment's 4:3 -> square resize stretched:
-the model sees lesions squashed both ways (flips, used at test time, keep the axis).
+draws only. `train` turns images that augment already squashed from 4:3 to a square: with
+`aspect` 4/3 it turns the photo inside the square (squash, rotate, unsquash), so a rotated lesion is
+squashed the way every test image is; with `aspect` 1 it turns the square, and a rotation near 90
+degrees swaps which axis is squashed.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ def contrast_then_brightness(pixels, mean, contrast, brightness):
     return ((pixels - mean) * contrast + mean) * brightness
 
 
-def affine_about_centre(cos, sin, flip_x, flip_y, centre_x, centre_y, shift_x, shift_y):
+def affine_about_centre(cos, sin, flip_x, flip_y, centre_x, centre_y, shift_x, shift_y, aspect=1.0):
     """(a0, a1, a2, b0, b1, b2): output pixel (x, y) samples the source at (a0 x + a1 y + a2, b0 x + b1 y + b2).
 
     A = R(angle) diag(flip_x, flip_y) / zoom about the centre, then the shift; `cos` and `sin` are
-    the angle's, already divided by the zoom, and flips are +-1. Plain arithmetic, like the colour
-    formula: floats in augment (PIL's AFFINE data), tensors in train (ImageProjectiveTransformV3 rows).
+    the angle's, already divided by the zoom, and flips are +-1. `aspect` is the width / height of
+    the photo the image was resized from: the rotation is S R S^-1 with S = diag(1, aspect), the
+    photo's turn seen in the resized image (1: a plain turn of the image). Plain arithmetic, like the
+    colour formula: floats in augment (PIL's AFFINE data), tensors in train (ImageProjectiveTransformV3 rows).
     """
-    a0, a1, b0, b1 = cos * flip_x, -sin * flip_y, sin * flip_x, cos * flip_y
+    a0, a1, b0, b1 = cos * flip_x, -sin * flip_y / aspect, sin * aspect * flip_x, cos * flip_y
     return (a0, a1, centre_x - a0 * centre_x - a1 * centre_y - shift_x,
             b0, b1, centre_y - b0 * centre_x - b1 * centre_y - shift_y)

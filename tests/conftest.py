@@ -19,7 +19,7 @@ TINY_TRAIN = {
     "min_learning_rate": 0.0001, "epochs": 1, "average_last_epochs": 1, "batch_size": 16, "class_weight": "balanced",
     "distribution": "default",
     "augmentation": {"flip": True, "rotation_degrees": 180, "shift_fraction": 0.05, "zoom_fraction": 0.1,
-                     "brightness": 0.1, "contrast": 0.1},
+                     "brightness": 0.1, "contrast": 0.1, "photo_aspect": 1.0},
 }
 
 

@@ -124,6 +124,19 @@ def test_shards_pointing_past_their_images_are_refused(tmp_path):
         read_shards(tmp_path, "train")
 
 
+def test_affine_about_centre_turns_the_photo_inside_the_square():
+    """With the photo's aspect, a turn keeps distances measured on the photo (not on the square)."""
+    square_to_photo = np.diag([1, 3 / 4])  # a 4:3 photo squashed to a square: y was stretched by 4/3
+    offsets = np.random.default_rng(0).normal(size=(2, 50))
+
+    def photo_lengths(aspect):
+        a0, a1, _, b0, b1, _ = affine_about_centre(np.cos(0.7), np.sin(0.7), 1, 1, 0, 0, 0, 0, aspect)
+        return np.linalg.norm(square_to_photo @ np.array([[a0, a1], [b0, b1]]) @ offsets, axis=0)
+
+    np.testing.assert_allclose(photo_lengths(4 / 3), np.linalg.norm(square_to_photo @ offsets, axis=0))
+    assert not np.allclose(photo_lengths(1.0), np.linalg.norm(square_to_photo @ offsets, axis=0), rtol=0.01)
+
+
 def test_affine_about_centre_turns_about_the_centre_then_shifts():
     angle, zoom, centre = np.pi / 2, 2.0, 10.0
     a0, a1, a2, b0, b1, b2 = affine_about_centre(np.cos(angle) / zoom, np.sin(angle) / zoom, -1, 1,

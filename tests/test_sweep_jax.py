@@ -16,9 +16,10 @@ from stages.evaluate import EvaluateParams
 from stages.train import Augmentation
 from tests.fixtures import write_params
 
-FLIPS_ONLY = Augmentation(flip=True, rotation_degrees=0, shift_fraction=0, zoom_fraction=0, brightness=0, contrast=0)
+FLIPS_ONLY = Augmentation(flip=True, rotation_degrees=0, shift_fraction=0, zoom_fraction=0, brightness=0, contrast=0,
+                          photo_aspect=1.0)
 COMMITTED = Augmentation(flip=True, rotation_degrees=180, shift_fraction=0.05, zoom_fraction=0.1,
-                         brightness=0.1, contrast=0.1)
+                         brightness=0.1, contrast=0.1, photo_aspect=1.0)
 
 
 def as_numpy(x) -> np.ndarray:

@@ -366,7 +366,8 @@ def test_unfrozen_batchnorm_moving_statistics_do_change_in_fit(imagenet_stand_in
 # --------------------------------------------------------------------------------------------
 # On-line augmentation: the same random transform for every image of every class
 # --------------------------------------------------------------------------------------------
-NO_AUGMENTATION = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0)
+NO_AUGMENTATION = {**dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0),
+                   "photo_aspect": 1.0}
 
 
 def epochs_of(dataset, epochs: int = 2) -> list[np.ndarray]:
@@ -415,7 +416,7 @@ def test_half_turn_matrix_maps_each_pixel_to_its_opposite():
     import tensorflow as tf
 
     augmentation = train.Augmentation(flip=False, rotation_degrees=180, shift_fraction=0, zoom_fraction=0,
-                                      brightness=0, contrast=0)
+                                      brightness=0, contrast=0, photo_aspect=1.0)
     rows = train.affine_transforms(tf.constant([1, 2], tf.int64), 4000, 32, augmentation).numpy()
     angles = np.arctan2(rows[:, 3], rows[:, 0])
     half_turn = rows[np.argmax(np.abs(angles))]  # the draw nearest to +-180 degrees
