@@ -366,8 +366,8 @@ def test_unfrozen_batchnorm_moving_statistics_do_change_in_fit(imagenet_stand_in
 # --------------------------------------------------------------------------------------------
 # On-line augmentation: the same random transform for every image of every class
 # --------------------------------------------------------------------------------------------
-NO_AUGMENTATION = {**dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0),
-                   "photo_aspect": 1.0}
+NO_AUGMENTATION = {**dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"],
+                                   0), "photo_aspect": 1.0}
 
 
 def epochs_of(dataset, epochs: int = 2) -> list[np.ndarray]:
