@@ -4,9 +4,9 @@ Both draw a rotation, shift, zoom, brightness and contrast change from ranges ch
 and move and colour pixels with one formula each, so a copy made by `augment` (numpy, at the source's
 resolution) and an image augmented by `train` (TensorFlow, every epoch) differ in their random
 draws only. `train` turns images that augment already squashed from 4:3 to a square: with
-`aspect` 4/3 it turns the photo inside the square (squash, rotate, unsquash), so a rotated lesion is
-squashed the way every test image is; with `aspect` 1 it turns the square, and a rotation near 90
-degrees swaps which axis is squashed.
+`aspect` 4/3 it turns the photo inside the square (unsquash, turn, squash again), so a turned lesion
+is squashed the way every test image is; with `aspect` 1 it turns the square, and a turn near 90
+degrees swaps which axis is squashed. augment turns the photo itself, before its resize.
 """
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ def affine_about_centre(cos, sin, flip_x, flip_y, centre_x, centre_y, shift_x, s
 
     A = R(angle) diag(flip_x, flip_y) / zoom about the centre, then the shift; `cos` and `sin` are
     the angle's, already divided by the zoom, and flips are +-1. `aspect` is the width / height of
-    the photo the image was resized from: the rotation is S R S^-1 with S = diag(1, aspect), the
-    photo's turn seen in the resized image (1: a plain turn of the image). Plain arithmetic, like the
-    colour formula: floats in augment (PIL's AFFINE data), tensors in train (ImageProjectiveTransformV3 rows).
+    the photo the image was resized from: the rotation is S R S^-1, with S = diag(1, aspect) the
+    resize up to scale, i.e. the photo's turn seen in the resized image (1: a plain turn of the
+    image). Plain arithmetic, like the colour formula: floats in augment (PIL's AFFINE data),
+    tensors in train (ImageProjectiveTransformV3 rows).
     """
     a0, a1, b0, b1 = cos * flip_x, -sin * flip_y / aspect, sin * aspect * flip_x, cos * flip_y
     return (a0, a1, centre_x - a0 * centre_x - a1 * centre_y - shift_x,

@@ -425,6 +425,22 @@ def test_half_turn_matrix_maps_each_pixel_to_its_opposite():
     assert np.abs(np.degrees(angles)).max() <= 180 and np.abs(np.degrees(angles)).min() < 1  # uniform in +-180
 
 
+def test_photo_aspect_reaches_the_rows_as_the_turn_of_the_photo():
+    """With photo_aspect a, each row's rotation is S R S^-1: b0 / -a1 = a^2 (1 for a turn of the square)."""
+    import tensorflow as tf
+
+    def rows(photo_aspect):
+        augmentation = train.Augmentation(flip=False, rotation_degrees=180, shift_fraction=0, zoom_fraction=0,
+                                          brightness=0, contrast=0, photo_aspect=photo_aspect)
+        return train.affine_transforms(tf.constant([1, 2], tf.int64), 64, 32, augmentation).numpy()
+
+    photo, square = rows(4 / 3), rows(1.0)
+    turned = np.abs(square[:, 3]) > 0.1  # draws far enough from 0 and 180 degrees for the ratio to be exact
+    np.testing.assert_allclose(photo[turned, 3] / -photo[turned, 1], 16 / 9, rtol=1e-5)
+    np.testing.assert_allclose(square[turned, 3] / -square[turned, 1], 1, rtol=1e-5)
+    np.testing.assert_array_equal(photo[:, [0, 4]], square[:, [0, 4]])  # same draws: the cosines agree
+
+
 def test_augmentation_is_seeded_and_fresh_each_epoch():
     images = np.repeat(random_images(1), 24, axis=0)  # one image: the shuffle cannot make a difference
     augmentation = train_params().augmentation
