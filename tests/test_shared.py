@@ -133,8 +133,9 @@ def test_affine_about_centre_turns_the_photo_inside_the_square():
         a0, a1, _, b0, b1, _ = affine_about_centre(np.cos(0.7), np.sin(0.7), 1, 1, 0, 0, 0, 0, aspect)
         return np.linalg.norm(square_to_photo @ np.array([[a0, a1], [b0, b1]]) @ offsets, axis=0)
 
-    np.testing.assert_allclose(photo_lengths(4 / 3), np.linalg.norm(square_to_photo @ offsets, axis=0))
-    assert not np.allclose(photo_lengths(1.0), np.linalg.norm(square_to_photo @ offsets, axis=0), rtol=0.01)
+    before = np.linalg.norm(square_to_photo @ offsets, axis=0)
+    np.testing.assert_allclose(photo_lengths(4 / 3), before)
+    assert not np.allclose(photo_lengths(1.0), before, rtol=0.01)
 
 
 def test_affine_about_centre_turns_about_the_centre_then_shifts():

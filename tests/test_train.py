@@ -411,13 +411,16 @@ def test_geometry_fills_margins_by_reflection_and_colour_stays_in_range():
     assert 0 <= batch.numpy().min() and batch.numpy().max() <= 255
 
 
+def turns_only(photo_aspect: float = 1.0) -> train.Augmentation:
+    """Random turns in +-180 degrees and nothing else, so each row's matrix is the turn alone."""
+    return train.Augmentation(flip=False, **{**NO_AUGMENTATION, "rotation_degrees": 180, "photo_aspect": photo_aspect})
+
+
 def test_half_turn_matrix_maps_each_pixel_to_its_opposite():
     """The affine row for a 180-degree turn, no flip, zoom or shift: (x, y) -> (side-1-x, side-1-y)."""
     import tensorflow as tf
 
-    augmentation = train.Augmentation(flip=False, rotation_degrees=180, shift_fraction=0, zoom_fraction=0,
-                                      brightness=0, contrast=0, photo_aspect=1.0)
-    rows = train.affine_transforms(tf.constant([1, 2], tf.int64), 4000, 32, augmentation).numpy()
+    rows = train.affine_transforms(tf.constant([1, 2], tf.int64), 4000, 32, turns_only()).numpy()
     angles = np.arctan2(rows[:, 3], rows[:, 0])
     half_turn = rows[np.argmax(np.abs(angles))]  # the draw nearest to +-180 degrees
     np.testing.assert_allclose(half_turn[[0, 1, 3, 4]], [-1, 0, 0, -1], atol=0.01)
@@ -430,9 +433,7 @@ def test_photo_aspect_reaches_the_rows_as_the_turn_of_the_photo():
     import tensorflow as tf
 
     def rows(photo_aspect):
-        augmentation = train.Augmentation(flip=False, rotation_degrees=180, shift_fraction=0, zoom_fraction=0,
-                                          brightness=0, contrast=0, photo_aspect=photo_aspect)
-        return train.affine_transforms(tf.constant([1, 2], tf.int64), 64, 32, augmentation).numpy()
+        return train.affine_transforms(tf.constant([1, 2], tf.int64), 64, 32, turns_only(photo_aspect)).numpy()
 
     photo, square = rows(4 / 3), rows(1.0)
     turned = np.abs(square[:, 3]) > 0.1  # draws far enough from 0 and 180 degrees for the ratio to be exact
