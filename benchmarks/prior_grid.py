@@ -1,0 +1,106 @@
+"""Would another grid of class-prior strengths score better on images it was not chosen on?
+
+    python benchmarks/prior_grid.py runs/seeds/seed*.npz --grid -1 -0.75 -0.5 -0.25 0 0.25 0.5 --out runs/grid.json
+
+Why: `evaluate` picks the prior strength with the best validation balanced accuracy among
+`evaluate.prior_strengths`. When the pick sits at the grid's edge, a wider grid looks better on the
+same images by construction. To see whether it would generalise, validation is halved at random
+by lesion group (no lesion on both sides), the strength is chosen on one half with evaluate's own
+rule and scored on the other, both ways round, over many halvings. Reads the validation
+probabilities that `benchmarks/seeds.py` saves (`val_labels`, `val_<tta>`); test is not read.
+Writes, per run, the validation balanced accuracy at each strength, the cross-validated balanced
+accuracy of the committed grid and of `--grid`, and their difference.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+from sklearn.metrics import balanced_accuracy_score  # noqa: E402
+
+from stages.evaluate import EvaluateParams, choose_decision, lesion_groups, real_train_labels  # noqa: E402
+from stages.inference import corrected, prior_bias  # noqa: E402
+from stages.params import load_params  # noqa: E402
+from stages.shards import read_shards  # noqa: E402
+
+
+def lesion_halvings(groups: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
+    """`count` random masks, each selecting half of the lesion groups (all of a group's images or none)."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(groups)
+    return [np.isin(groups, rng.choice(unique, size=len(unique) // 2, replace=False)) for _ in range(count)]
+
+
+def cross_validated_ba(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray,
+                       params: EvaluateParams, halvings: list[np.ndarray]) -> float:
+    """Mean balanced accuracy on each half, with the prior strength chosen on the other half."""
+    scores = []
+    for half in halvings:
+        for chosen_on, scored_on in ((half, ~half), (~half, half)):
+            decision = choose_decision(params, labels[chosen_on], proba[chosen_on], train_labels)
+            adjusted = corrected(proba[scored_on], decision.class_bias)
+            scores.append(balanced_accuracy_score(labels[scored_on], adjusted.argmax(axis=1)))
+    return float(np.mean(scores))
+
+
+def score_run(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray, committed: EvaluateParams,
+              candidate: EvaluateParams, halvings: list[np.ndarray]) -> dict:
+    """One model's validation figures: at each strength, and cross-validated for both grids."""
+    def at_strength(strength: float) -> float:
+        return balanced_accuracy_score(labels, corrected(proba, prior_bias(train_labels, strength)).argmax(axis=1))
+
+    row = {"val_ba_by_strength": {str(s): at_strength(s)
+                                  for s in sorted({*committed.prior_strengths, *candidate.prior_strengths})}}
+    for name, params in (("committed_grid", committed), ("candidate_grid", candidate)):
+        row[name] = cross_validated_ba(labels, proba, train_labels, params, halvings)
+        row[f"{name}_strength_on_all_val"] = choose_decision(params, labels, proba, train_labels).prior_strength
+    row["gain"] = row["candidate_grid"] - row["committed_grid"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="seed<N>.npz files written by benchmarks/seeds.py")
+    parser.add_argument("--grid", type=float, nargs="+", required=True, help="candidate prior strengths")
+    parser.add_argument("--halvings", type=int, default=200)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/augmented"))
+    parser.add_argument("--split-dir", type=Path, default=Path("data/split"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    # A half can lack a rare class (vasc, df) that the model still predicts; balanced accuracy then
+    # averages over the classes present, as evaluate does, and sklearn's warning says only that.
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    committed = load_params("evaluate", EvaluateParams, args.params)
+    candidate = dataclasses.replace(committed, prior_strengths=list(args.grid))
+    train_labels = real_train_labels(args.data)
+    _, val_labels, val_ids = read_shards(args.data, "val")
+    halvings = lesion_halvings(lesion_groups(args.split_dir, "val", val_ids), args.halvings, committed.seed)
+    rows = {}
+    for run in args.runs:
+        data = np.load(run)
+        labels, proba = data["val_labels"], data[f"val_{committed.tta}"]
+        if not np.array_equal(labels, val_labels):
+            raise SystemExit(f"{run}: its validation labels are not those of {args.data} (another split?)")
+        row = score_run(labels, proba, train_labels, committed, candidate, halvings)
+        rows[f"{run.parent.name}/{run.stem}"] = row
+        print(f"{run}: committed grid {row['committed_grid']:.4f}, candidate {row['candidate_grid']:.4f}, "
+              f"gain {row['gain']:+.4f}", flush=True)
+    gains = [row["gain"] for row in rows.values()]
+    summary = {"committed_grid": committed.prior_strengths, "candidate_grid": list(args.grid),
+               "halvings": args.halvings, "runs": rows, "gain_mean": float(np.mean(gains)),
+               "gain_sd": float(np.std(gains, ddof=1)) if len(gains) > 1 else None}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"gain over {len(gains)} runs: {summary['gain_mean']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
