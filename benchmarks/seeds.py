@@ -1,6 +1,7 @@
 """Train one configuration with several seeds and keep each run's probabilities on val (and test).
 
     python benchmarks/seeds.py --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...] [--test]
+    python benchmarks/seeds.py --seeds 1 2 --out runs/seeds --add-test
     (nested keys as dvc exp run -S takes them: --set train.augmentation.rotation_degrees=0)
 
 Why: one validation balanced accuracy has a standard error of about 0.03 and moves by several points
@@ -11,6 +12,7 @@ probabilities on val (and, with `--test`, on test), with and without test-time f
 to `<out>/seed<N>.npz` beside its model, training curves and wall time (`<out>/seed<N>.json`).
 Scoring is left to `benchmarks/score_seeds.py`, so that the decision rule can be changed without
 retraining. `--test` is for the committed configuration only: a sweep never computes test.
+`--add-test` adds test to seeds trained without it, once their configuration is committed.
 """
 from __future__ import annotations
 
@@ -52,6 +54,35 @@ def train_params(params_path: Path, overrides: list[tuple[list[str], object]], s
     return from_dict(train.TrainParams, section, "train")
 
 
+def split_probabilities(model_path: Path, data_dir: Path, splits) -> dict[str, np.ndarray]:
+    """Labels and class probabilities of the saved model on each split, under every test-time view."""
+    import keras
+
+    model = keras.saving.load_model(model_path)
+    probabilities = {}
+    for split in splits:
+        images, labels, _ = read_shards(data_dir, split)
+        probabilities[f"{split}_labels"] = labels
+        for tta in VIEWS:  # every `evaluate.tta` setting, so score_seeds can apply any
+            probabilities[f"{split}_{tta}"] = predict_proba(model, images, tta=tta)
+    return probabilities
+
+
+def add_test(out: Path, seeds: list[int], data_dir: Path) -> None:
+    """Add test probabilities to seeds already trained (validation only) from their saved models.
+
+    For the configuration chosen on validation after the sweep: test is read once it is committed.
+    """
+    for seed in seeds:
+        npz = out / f"seed{seed}.npz"
+        probabilities = dict(np.load(npz))
+        probabilities.update(split_probabilities(out / f"seed{seed}.keras", data_dir, ("test",)))
+        tmp = npz.with_suffix(".tmp.npz")
+        np.savez(tmp, **probabilities)
+        tmp.replace(npz)
+        logging.info("seed %d: test probabilities added to %s", seed, npz)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
@@ -61,8 +92,14 @@ def main() -> None:
     parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="train.KEY=VALUE")
     parser.add_argument("--test", action="store_true",
                         help="also keep test probabilities (the committed configuration only)")
+    parser.add_argument("--add-test", action="store_true",
+                        help="train nothing: add test probabilities to the seeds already in --out, from their "
+                             "saved models (once their configuration is committed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.add_test:
+        add_test(args.out, args.seeds, args.data)
+        return
 
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -71,15 +108,7 @@ def main() -> None:
         started = time.perf_counter()
         summary = train.train(params, args.data, model_path, args.out / f"seed{seed}_live")
         minutes = (time.perf_counter() - started) / 60
-        import keras
-
-        model = keras.saving.load_model(model_path)
-        probabilities = {}
-        for split in ("val", "test") if args.test else ("val",):
-            images, labels, _ = read_shards(args.data, split)
-            probabilities[f"{split}_labels"] = labels
-            for tta in VIEWS:  # every `evaluate.tta` setting, so score_seeds can apply any
-                probabilities[f"{split}_{tta}"] = predict_proba(model, images, tta=tta)
+        probabilities = split_probabilities(model_path, args.data, ("val", "test") if args.test else ("val",))
         np.savez(args.out / f"seed{seed}.npz", **probabilities)
         record = {"seed": seed, "params": dataclasses.asdict(params), "train_minutes": round(minutes, 2), **summary}
         (args.out / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,30 @@
+"""benchmarks/seeds.py: adding test probabilities to seeds trained for validation only."""
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.seeds import add_test
+from stages.inference import VIEWS, predict_proba
+from stages.shards import read_shards
+from tests.tiny_model import tiny_model
+
+
+def test_add_test_keeps_val_and_adds_the_saved_models_test_probabilities(tmp_path, tiny_shards):
+    images, labels, _ = read_shards(tiny_shards, "test")
+    model = tiny_model(images)
+    out = tmp_path / "runs"
+    out.mkdir()
+    model.save(out / "seed1.keras")
+    val = {"val_labels": np.array([0, 3, 5]), "val_flips": np.full((3, 7), 1 / 7, np.float32)}
+    np.savez(out / "seed1.npz", **val)
+
+    add_test(out, [1], tiny_shards)
+
+    saved = np.load(out / "seed1.npz")
+    assert set(saved.files) == {*val, "test_labels", *(f"test_{view}" for view in VIEWS)}
+    for key, value in val.items():
+        np.testing.assert_array_equal(saved[key], value)
+    np.testing.assert_array_equal(saved["test_labels"], labels)
+    for view in VIEWS:
+        np.testing.assert_allclose(saved[f"test_{view}"], predict_proba(model, images, tta=view), atol=1e-6)
+    assert [p.name for p in out.iterdir() if p.suffix == ".npz"] == ["seed1.npz"], "no temporary file left"
