@@ -75,7 +75,8 @@ def add_test(out: Path, seeds: list[int], data_dir: Path) -> None:
     """
     for seed in seeds:
         npz = out / f"seed{seed}.npz"
-        probabilities = dict(np.load(npz))
+        with np.load(npz) as saved:
+            probabilities = dict(saved)
         probabilities.update(split_probabilities(out / f"seed{seed}.keras", data_dir, ("test",)))
         tmp = npz.with_suffix(".tmp.npz")
         np.savez(tmp, **probabilities)
@@ -97,6 +98,8 @@ def main() -> None:
                              "saved models (once their configuration is committed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.add_test and (args.set or args.test):
+        parser.error("--add-test trains nothing: it takes no --set and no --test")
     if args.add_test:
         add_test(args.out, args.seeds, args.data)
         return

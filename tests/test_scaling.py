@@ -106,7 +106,9 @@ def test_queued_sweep_runs_with_two_workers_and_records_each_metric(project):
         dvc(project, "exp", "run", "--queue", "-S", f"x={x}", "-n", f"x{x}")
     dvc(project, "queue", "start", "-j", "2")
     deadline = time.monotonic() + 120  # two dvc queue workers start in ~10 s each on 2 idle cores; CI is busier
-    while not all(row["State"] in ("Success", "Failed") for row in experiments(project).values()):
+    # Both must be listed and finished: a queued experiment can be missing from `exp show` while a worker takes it.
+    while not (set(rows := experiments(project)) >= {"x2", "x3"}
+               and all(row["State"] in ("Success", "Failed") for row in rows.values())):
         assert time.monotonic() < deadline, f"queue still busy: {dvc(project, 'queue', 'status')}"
         time.sleep(1)
     dvc(project, "queue", "stop")  # idle workers would linger ~10 s more on their own
