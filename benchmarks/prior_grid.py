@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
+from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, lesion_groups, real_train_labels  # noqa: E402
 from stages.inference import corrected, prior_bias  # noqa: E402
 from stages.params import load_params  # noqa: E402
@@ -38,6 +39,11 @@ def lesion_halvings(groups: np.ndarray, count: int, seed: int) -> list[np.ndarra
     return [np.isin(groups, rng.choice(unique, size=len(unique) // 2, replace=False)) for _ in range(count)]
 
 
+def corrected_ba(labels: np.ndarray, proba: np.ndarray, class_bias) -> float:
+    """Balanced accuracy of the top class after evaluate's class-prior correction."""
+    return balanced_accuracy_score(labels, corrected(proba, class_bias).argmax(axis=1))
+
+
 def cross_validated_ba(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray,
                        params: EvaluateParams, halvings: list[np.ndarray]) -> float:
     """Mean balanced accuracy on each half, with the prior strength chosen on the other half."""
@@ -45,19 +51,15 @@ def cross_validated_ba(labels: np.ndarray, proba: np.ndarray, train_labels: np.n
     for half in halvings:
         for chosen_on, scored_on in ((half, ~half), (~half, half)):
             decision = choose_decision(params, labels[chosen_on], proba[chosen_on], train_labels)
-            adjusted = corrected(proba[scored_on], decision.class_bias)
-            scores.append(balanced_accuracy_score(labels[scored_on], adjusted.argmax(axis=1)))
+            scores.append(corrected_ba(labels[scored_on], proba[scored_on], decision.class_bias))
     return float(np.mean(scores))
 
 
 def score_run(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray, committed: EvaluateParams,
               candidate: EvaluateParams, halvings: list[np.ndarray]) -> dict:
     """One model's validation figures: at each strength, and cross-validated for both grids."""
-    def at_strength(strength: float) -> float:
-        return balanced_accuracy_score(labels, corrected(proba, prior_bias(train_labels, strength)).argmax(axis=1))
-
-    row = {"val_ba_by_strength": {str(s): at_strength(s)
-                                  for s in sorted({*committed.prior_strengths, *candidate.prior_strengths})}}
+    strengths = sorted({*committed.prior_strengths, *candidate.prior_strengths})
+    row = {"val_ba_by_strength": {str(s): corrected_ba(labels, proba, prior_bias(train_labels, s)) for s in strengths}}
     for name, params in (("committed_grid", committed), ("candidate_grid", candidate)):
         row[name] = cross_validated_ba(labels, proba, train_labels, params, halvings)
         row[f"{name}_strength_on_all_val"] = choose_decision(params, labels, proba, train_labels).prior_strength
@@ -93,13 +95,12 @@ def main() -> None:
         rows[f"{run.parent.name}/{run.stem}"] = row
         print(f"{run}: committed grid {row['committed_grid']:.4f}, candidate {row['candidate_grid']:.4f}, "
               f"gain {row['gain']:+.4f}", flush=True)
-    gains = [row["gain"] for row in rows.values()]
+    gain = mean_sd([row["gain"] for row in rows.values()])
     summary = {"committed_grid": committed.prior_strengths, "candidate_grid": list(args.grid),
-               "halvings": args.halvings, "runs": rows, "gain_mean": float(np.mean(gains)),
-               "gain_sd": float(np.std(gains, ddof=1)) if len(gains) > 1 else None}
+               "halvings": args.halvings, "runs": rows, "gain_mean": gain["mean"], "gain_sd": gain["sd"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"gain over {len(gains)} runs: {summary['gain_mean']:+.4f}")
+    print(f"gain over {gain['n']} runs: {gain['mean']:+.4f}")
 
 
 if __name__ == "__main__":
