@@ -1,10 +1,11 @@
 """Score the runs of benchmarks/seeds.py with evaluate's own rule: mean and sd over seeds.
 
-    python benchmarks/score_seeds.py runs/seeds [--params params.yaml]
+    python benchmarks/score_seeds.py runs/seeds [--params params.yaml] [--against benchmarks/seeds_committed.json]
 
 For each `seed<N>.npz`, the decision rule is chosen on validation exactly as `evaluate` does it
 (`evaluate.choose_decision`: flips as set in params, prior strength, melanoma threshold) and both
 splits are scored with it. Prints one row per seed and the mean ± sd, and writes `summary.json`.
+With `--against`, another configuration's summary: the paired difference per seed they share.
 """
 from __future__ import annotations
 
@@ -31,6 +32,25 @@ def mean_sd(values) -> dict:
             "n": len(values)}
 
 
+def paired_differences(runs: dict, baseline: dict) -> dict:
+    """This configuration's figure minus the baseline's, per seed run by both, and their mean ± sd.
+
+    The same seed draws the same data order and augmentation, so the paired difference is less noisy
+    than the difference of two means (on one CPU; another CPU's numerics make it a different run).
+    """
+    seeds = sorted(set(runs) & set(baseline))
+    if not seeds:
+        raise SystemExit(f"no seed in common: {sorted(runs)} against {sorted(baseline)}")
+    paired = {}
+    for split in ("val", "test"):
+        if not all(split in runs[seed] and split in baseline[seed] for seed in seeds):
+            continue
+        for key in ("balanced_accuracy", "balanced_accuracy_plain"):
+            per_seed = {seed: runs[seed][split][key] - baseline[seed][split][key] for seed in seeds}
+            paired[f"{split}_{key}"] = {"per_seed": per_seed} | mean_sd(list(per_seed.values()))
+    return paired
+
+
 def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> dict:
     data = np.load(npz)
     splits = [split for split in ("val", "test") if f"{split}_labels" in data]  # sweeps keep val alone
@@ -53,6 +73,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/augmented"))
+    parser.add_argument("--against", type=Path, help="summary JSON of another configuration's seeds")
     args = parser.parse_args()
     params = load_params("evaluate", EvaluateParams, args.params)
     train_labels = real_train_labels(args.data)
@@ -68,14 +89,19 @@ def main() -> None:
             summary[f"{split}_{key}"] = mean_sd([r[split][key] for r in rows.values()])
         summary[f"{split}_operating_point_mel_sensitivity"] = mean_sd(
             [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()])
+    if args.against:
+        baseline = json.loads(args.against.read_text())["runs"]
+        summary["paired_against"] = {"baseline": str(args.against)} | paired_differences(rows, baseline)
     (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, r in rows.items():
         print(f"{name}: strength {r['prior_strength']}", *(
             f"{split} {r[split]['balanced_accuracy']:.4f} (plain {r[split]['balanced_accuracy_plain']:.4f}) "
             f"mel@op {r[split]['operating_point']['mel_sensitivity']:.3f}" for split in splits))
     for key, value in summary.items():
-        if key != "runs":
+        if key not in ("runs", "paired_against"):
             print(key, value)
+    for key, value in summary.get("paired_against", {}).items():
+        print("paired", key, value)
 
 
 if __name__ == "__main__":
