@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import io
 import logging
 import sys
 import time
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from stages import train  # noqa: E402
+from stages.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from stages.inference import VIEWS, predict_proba  # noqa: E402
 from stages.params import from_dict, load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
@@ -68,6 +69,13 @@ def split_probabilities(model_path: Path, data_dir: Path, splits) -> dict[str, n
     return probabilities
 
 
+def save_probabilities(npz: Path, probabilities: dict) -> None:
+    """Whole or not at all: score_seeds reads every seed*.npz, so a run stopped mid-write must leave none."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **probabilities)
+    atomic_write_bytes(npz, buffer.getvalue())
+
+
 def add_test(out: Path, seeds: list[int], data_dir: Path) -> None:
     """Add test probabilities to seeds already trained (validation only) from their saved models.
 
@@ -78,9 +86,7 @@ def add_test(out: Path, seeds: list[int], data_dir: Path) -> None:
         with np.load(npz) as saved:
             probabilities = dict(saved)
         probabilities.update(split_probabilities(out / f"seed{seed}.keras", data_dir, ("test",)))
-        tmp = npz.with_suffix(".tmp.npz")
-        np.savez(tmp, **probabilities)
-        tmp.replace(npz)
+        save_probabilities(npz, probabilities)
         logging.info("seed %d: test probabilities added to %s", seed, npz)
 
 
@@ -112,9 +118,9 @@ def main() -> None:
         summary = train.train(params, args.data, model_path, args.out / f"seed{seed}_live")
         minutes = (time.perf_counter() - started) / 60
         probabilities = split_probabilities(model_path, args.data, ("val", "test") if args.test else ("val",))
-        np.savez(args.out / f"seed{seed}.npz", **probabilities)
+        save_probabilities(args.out / f"seed{seed}.npz", probabilities)
         record = {"seed": seed, "params": dataclasses.asdict(params), "train_minutes": round(minutes, 2), **summary}
-        (args.out / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(args.out / f"seed{seed}.json", record)
         logging.info("seed %d: %.1f min, val balanced accuracy %.4f", seed, minutes, summary["val_balanced_accuracy"])
 
 

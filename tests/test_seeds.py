@@ -1,9 +1,12 @@
-"""benchmarks/seeds.py: adding test probabilities to seeds trained for validation only."""
+"""benchmarks/seeds.py: adding test probabilities to seeds trained for validation only; saving them."""
 from __future__ import annotations
 
-import numpy as np
+import os
 
-from benchmarks.seeds import add_test
+import numpy as np
+import pytest
+
+from benchmarks.seeds import add_test, save_probabilities
 from stages.inference import VIEWS, predict_proba
 from stages.shards import read_shards
 from tests.tiny_model import tiny_model
@@ -28,3 +31,15 @@ def test_add_test_keeps_val_and_adds_the_saved_models_test_probabilities(tmp_pat
     for view in VIEWS:
         np.testing.assert_allclose(saved[f"test_{view}"], predict_proba(model, images, tta=view), atol=1e-6)
     assert [p.name for p in out.iterdir() if p.suffix == ".npz"] == ["seed1.npz"], "no temporary file left"
+
+
+def test_probabilities_are_saved_whole_or_not_at_all(tmp_path, monkeypatch):
+    npz = tmp_path / "seed1.npz"
+    save_probabilities(npz, {"val_none": np.ones((2, 7))})
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_probabilities(npz, {"val_none": np.zeros((2, 7))})
+    assert sorted(p.name for p in tmp_path.glob("seed*.npz")) == ["seed1.npz"]  # what score_seeds reads
+    assert [p.name for p in tmp_path.iterdir()] == ["seed1.npz"]                 # no temporary file left
+    with np.load(npz) as saved:
+        assert saved["val_none"].tolist() == np.ones((2, 7)).tolist()
