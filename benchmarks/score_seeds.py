@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
+from stages.files import atomic_write_json  # noqa: E402
 from stages.inference import corrected  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
     if args.against:
         baseline = json.loads(args.against.read_text())["runs"]
         summary["paired_against"] = {"baseline": str(args.against)} | paired_differences(rows, baseline)
-    (args.runs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.runs / "summary.json", summary)
     for name, r in rows.items():
         print(f"{name}: strength {r['prior_strength']}", *(
             f"{split} {r[split]['balanced_accuracy']:.4f} (plain {r[split]['balanced_accuracy_plain']:.4f}) "

@@ -36,7 +36,11 @@ def test_add_test_keeps_val_and_adds_the_saved_models_test_probabilities(tmp_pat
 def test_probabilities_are_saved_whole_or_not_at_all(tmp_path, monkeypatch):
     npz = tmp_path / "seed1.npz"
     save_probabilities(npz, {"val_none": np.ones((2, 7))})
-    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+
+    def disk_full(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_probabilities(npz, {"val_none": np.zeros((2, 7))})
     assert sorted(p.name for p in tmp_path.glob("seed*.npz")) == ["seed1.npz"]  # what score_seeds reads
