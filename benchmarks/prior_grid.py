@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, lesion_groups, real_train_labels  # noqa: E402
+from stages.files import atomic_write_json  # noqa: E402
 from stages.inference import corrected, prior_bias  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
@@ -98,8 +98,7 @@ def main() -> None:
     gain = mean_sd([row["gain"] for row in rows.values()])
     summary = {"committed_grid": committed.prior_strengths, "candidate_grid": list(args.grid),
                "halvings": args.halvings, "runs": rows, "gain_mean": gain["mean"], "gain_sd": gain["sd"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.out, summary)
     print(f"gain over {gain['n']} runs: {gain['mean']:+.4f}")
 
 

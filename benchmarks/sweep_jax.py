@@ -46,9 +46,10 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd, score_run  # noqa: E402
-from benchmarks.seeds import parse_override, train_params  # noqa: E402
+from benchmarks.seeds import parse_override, save_probabilities, train_params  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
+from stages.files import atomic_write_json  # noqa: E402
 from stages.inference import VIEWS, predict_proba  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
@@ -179,14 +180,14 @@ def train_run(config: Config, seed: int, data_dir: Path, params_path: Path,
                           class_weight=train.class_weights(train_labels, params.class_weight), shuffle=True,
                           callbacks=[train.epoch_callback(val_images, val_labels, params), timer], verbose=0)
     minutes = (time.perf_counter() - started) / 60
-    np.savez(runs_dir / f"{config.name}_seed{seed}.npz", val_labels=val_labels,
-             **{f"val_{tta}": predict_proba(model, val_images, tta=tta) for tta in VIEWS})
+    save_probabilities(runs_dir / f"{config.name}_seed{seed}.npz", {
+        "val_labels": val_labels, **{f"val_{tta}": predict_proba(model, val_images, tta=tta) for tta in VIEWS}})
     record = {"config": dataclasses.asdict(config), "seed": seed, "params": dataclasses.asdict(params),
               "train_minutes": round(minutes, 2),
               "epoch_seconds": np.diff([started, *epoch_times]).round(1).tolist(),
               "val_balanced_accuracy_per_epoch": [round(v, 4) for v in history.history["val_balanced_accuracy"]],
               "backend": keras.backend.backend(), "device": device_name()}
-    (runs_dir / f"{config.name}_seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(runs_dir / f"{config.name}_seed{seed}.json", record)
 
 
 def device_name() -> str:
@@ -294,7 +295,7 @@ def main() -> None:
     jobs = [(config, seed) for seed in args.seeds for config in args.config]
     done = run_queue(jobs, args.workers, deadline, command, runs_dir)
     summary = {"jobs": done, "configs": summarise(args.config, data_dirs, runs_dir, args.params)}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.out / "summary.json", summary)
     for name, entry in summary["configs"].items():
         ba, plain = entry["val_balanced_accuracy"], entry["val_balanced_accuracy_plain"]
         log.info("%-24s seeds %s: val BA (flips + prior) %.4f ± %s, plain %.4f, %.1f min/run", name, entry["seeds"],

@@ -30,7 +30,7 @@ def test_add_test_keeps_val_and_adds_the_saved_models_test_probabilities(tmp_pat
     np.testing.assert_array_equal(saved["test_labels"], labels)
     for view in VIEWS:
         np.testing.assert_allclose(saved[f"test_{view}"], predict_proba(model, images, tta=view), atol=1e-6)
-    assert [p.name for p in out.iterdir() if p.suffix == ".npz"] == ["seed1.npz"], "no temporary file left"
+    assert sorted(p.name for p in out.iterdir()) == ["seed1.keras", "seed1.npz"], "no temporary file left"
 
 
 def test_probabilities_are_saved_whole_or_not_at_all(tmp_path, monkeypatch):
