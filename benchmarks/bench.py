@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
@@ -50,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from stages import train  # noqa: E402
 from stages.cpus import usable_cpus  # noqa: E402
 from stages.evaluate import EvaluateParams  # noqa: E402
-from stages.files import read_table  # noqa: E402
+from stages.files import atomic_write_json, read_table  # noqa: E402
 from stages.images import image_file, load_image  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_index, read_shards  # noqa: E402
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
               "data_stages": stages, "inference": infer, "goals": GOALS, "table": rows}
     output = ROOT / args.output
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(output, report)
     print(f"wrote {output}")
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from stages import train  # noqa: E402
+from stages.files import atomic_write_json  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 TRAIN_ROWS = 11_542  # training rows per epoch (the mirror, augment defaults)
@@ -94,7 +95,7 @@ def main() -> None:
         params = dataclasses.replace(base, trainable_from=depth, batch_size=batch_size, freeze_batchnorm=frozen)
         rows.append(measure(params, size, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    args.out.write_text(json.dumps({"train_rows": TRAIN_ROWS, "rows": rows}, indent=2) + "\n")
+    atomic_write_json(args.out, {"train_rows": TRAIN_ROWS, "rows": rows})
 
 
 if __name__ == "__main__":

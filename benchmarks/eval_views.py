@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
+from stages.files import atomic_write_json  # noqa: E402
 from stages.images import image_file, load_image  # noqa: E402
 from stages.inference import VIEWS as PIPELINE_VIEWS  # noqa: E402
 from stages.inference import corrected, flips, mean_over_views  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
         summary["views"][name] = {"val_balanced_accuracy": mean_sd(values)}
         if "flips" in args.views:  # paired: the same model, the same images
             summary["views"][name]["minus_flips"] = mean_sd(values - [s["flips"] for s in scores.values()])
-    (args.out / "views.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.out / "views.json", summary)
     print(json.dumps(summary["views"], indent=2))
 
 

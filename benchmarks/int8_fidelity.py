@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from stages import export  # noqa: E402
+from stages.files import atomic_write_text  # noqa: E402
 from stages.inference import predict_proba  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 
@@ -144,7 +145,7 @@ def main() -> None:
     if "dynamic" not in args.skip:
         score("dynamic range (int8 weights, float activations)", *timed(lambda: export.to_dynamic_range(model, size)))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

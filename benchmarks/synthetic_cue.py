@@ -14,7 +14,6 @@ trained with `copies: repeat` and on-line augmentation of every class should sho
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from stages.augment import AugmentParams, augment, draw_transform, working_copy  # noqa: E402
 from stages.classes import CLASSES, LABELS  # noqa: E402
-from stages.files import read_table  # noqa: E402
+from stages.files import atomic_write_json, read_table  # noqa: E402
 from stages.images import image_file, open_rgb, resize_square  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
@@ -62,7 +61,7 @@ def main() -> None:
         scores[name] = {"balanced_accuracy": float(np.mean([c["recall"] for c in per_class.values()])),
                         "per_class": per_class}
     result = {"model": str(args.model), "images": int(len(labels)), "seed": args.seed, **scores}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"{'dx':6} {'recall real':>12} {'synthetic':>10} {'p(nv) real':>11} {'synthetic':>10}")
     for dx in scores["real"]["per_class"]:
         r, s = scores["real"]["per_class"][dx], scores["synthetic"]["per_class"][dx]
