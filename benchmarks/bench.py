@@ -451,8 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"machine": machine, "settings": settings, "input_pipeline": pipe,
               "data_stages": stages, "inference": infer, "goals": GOALS, "table": rows}
     output = ROOT / args.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output, report)
+    atomic_write_json(output, report)  # makes the folder too
     print(f"wrote {output}")
 
 
