@@ -11,7 +11,11 @@ whether the committed models would score better when shown each validation image
   model has seen both;
 - a larger input (`flips@192`): the same weights, rebuilt for another input size (MobileNet ends in
   global pooling), fed the validation images re-read from data/raw at that size. Training saw the
-  lesion at the training size, so a gain from more detail may be lost to a change of scale.
+  lesion at the training size, so a gain from more detail may be lost to a change of scale;
+- another white balance (`warm`, `cool`): the flips of each image with red and blue scaled by
+  1.1 and 0.9 (or 0.9 and 1.1), as another dermatoscope might render it. Not a way to score
+  higher: a measure of how much a model loses on colours its training never showed (the on-line
+  augmentation changes brightness and contrast, the same for every channel).
 
 Each view's probabilities go through `evaluate.choose_decision` (prior strength chosen on val) and
 are scored on validation only; test is not read. Writes `<out>/views.json`: per model and view the
@@ -49,7 +53,19 @@ def dihedral(images: np.ndarray) -> list[np.ndarray]:
     return flips(images) + flips(images.transpose(0, 2, 1, 3))
 
 
-VIEWS = {**PIPELINE_VIEWS, "dihedral": dihedral}  # evaluate's own views and one more
+def white_balanced(images: np.ndarray, red: float, blue: float) -> np.ndarray:
+    """`images` (0-255) with the red and blue channels scaled, clipped to 0-255, in their own dtype
+    (rounded, not truncated, when that is an integer type)."""
+    shifted = np.clip(images.astype(np.float32) * np.array([red, 1.0, blue], np.float32), 0, 255)
+    return (np.rint(shifted) if np.issubdtype(images.dtype, np.integer) else shifted).astype(images.dtype)
+
+
+VIEWS = {  # evaluate's own views and more
+    **PIPELINE_VIEWS,
+    "dihedral": dihedral,
+    "warm": lambda images: flips(white_balanced(images, 1.1, 0.9)),
+    "cool": lambda images: flips(white_balanced(images, 0.9, 1.1)),
+}
 
 
 def resized_model(model, size: int, params: TrainParams):
@@ -63,7 +79,7 @@ def parse_view(text: str) -> tuple[str, int | None]:
     """`flips` or `flips@192` -> (symmetries, input size; None: the training size)."""
     kind, _, size = text.partition("@")
     if kind not in VIEWS:
-        raise argparse.ArgumentTypeError(f"unknown view {text!r}: none, flips or dihedral, optionally @<size>")
+        raise argparse.ArgumentTypeError(f"unknown view {text!r}: {', '.join(VIEWS)}, optionally @<size>")
     return kind, int(size) if size else None
 
 

@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
-from benchmarks.eval_views import dihedral, parse_view, resized_model
+from benchmarks.eval_views import VIEWS, dihedral, parse_view, resized_model, white_balanced
 from stages.train import build_model
 from tests.conftest import train_params
 
@@ -26,7 +26,7 @@ def test_views_parse(text, expected):
 
 
 def test_unknown_view_is_refused_with_the_choices():
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown view 'rot90'.*none, flips or dihedral"):
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown view 'rot90'.*none, flips, dihedral, warm, cool"):
         parse_view("rot90")
 
 
@@ -39,3 +39,19 @@ def test_resized_model_keeps_every_weight_and_takes_the_new_size():
         np.testing.assert_array_equal(ours, theirs)
     proba = other.predict(np.zeros((2, 48, 48, 3), np.float32), verbose=0)
     assert proba.shape == (2, 7) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+
+
+def test_white_balance_scales_red_and_blue_clips_and_keeps_the_dtype():
+    image = np.array([[[[100, 100, 100], [250, 50, 250]]]], np.uint8)
+    warm = white_balanced(image, 1.1, 0.9)
+    assert warm.dtype == np.uint8
+    np.testing.assert_array_equal(warm, [[[[110, 100, 90], [255, 50, 225]]]])
+
+
+def test_warm_and_cool_views_are_the_flips_of_the_shifted_image():
+    image = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3)).astype(np.float32)
+    warm, cool = VIEWS["warm"](image), VIEWS["cool"](image)
+    assert len(warm) == len(cool) == 4
+    np.testing.assert_allclose(warm[0][..., 0], np.clip(image[..., 0] * 1.1, 0, 255), rtol=1e-6)
+    np.testing.assert_allclose(cool[0][..., 2], np.clip(image[..., 2] * 1.1, 0, 255), rtol=1e-6)
+    np.testing.assert_array_equal(warm[1], warm[0][:, :, ::-1])
