@@ -1,4 +1,4 @@
-"""Score trained models on validation with other test-time views: more symmetries, larger inputs.
+"""Score trained models on validation with other test-time views: more symmetries, larger inputs, colours.
 
     python benchmarks/eval_views.py --models models/model.keras runs/seed1.keras ... --out runs/views
 
@@ -15,7 +15,8 @@ whether the committed models would score better when shown each validation image
 - another white balance (`warm`, `cool`): the flips of each image with red and blue scaled by
   1.1 and 0.9 (or 0.9 and 1.1), as another dermatoscope might render it. Not a way to score
   higher: a measure of how much a model loses on colours its training never showed (the on-line
-  augmentation changes brightness and contrast, the same for every channel).
+  augmentation changes brightness and contrast, the same for every channel). The prior strength
+  is re-chosen on the shifted images, so the loss is a lower bound of what a deployed model loses.
 
 Each view's probabilities go through `evaluate.choose_decision` (prior strength chosen on val) and
 are scored on validation only; test is not read. Writes `<out>/views.json`: per model and view the
