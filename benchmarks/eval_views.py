@@ -77,7 +77,7 @@ def resized_model(model, size: int, params: TrainParams):
 
 
 def parse_view(text: str) -> tuple[str, int | None]:
-    """`flips` or `flips@192` -> (symmetries, input size; None: the training size)."""
+    """`flips` or `flips@192` -> (view, input size; None: the training size)."""
     kind, _, size = text.partition("@")
     if kind not in VIEWS:
         raise argparse.ArgumentTypeError(f"unknown view {text!r}: {', '.join(VIEWS)}, optionally @<size>")
