@@ -22,12 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
-from stages.evaluate import EvaluateParams, choose_decision, lesion_groups, real_train_labels  # noqa: E402
+from stages.evaluate import EvaluateParams, choose_decision, corrected_ba, lesion_groups, real_train_labels  # noqa: E402
 from stages.files import atomic_write_json  # noqa: E402
-from stages.inference import corrected, prior_bias  # noqa: E402
+from stages.inference import prior_bias  # noqa: E402
 from stages.params import load_params  # noqa: E402
 from stages.shards import read_shards  # noqa: E402
 
@@ -37,11 +36,6 @@ def lesion_halvings(groups: np.ndarray, count: int, seed: int) -> list[np.ndarra
     rng = np.random.default_rng(seed)
     unique = np.unique(groups)
     return [np.isin(groups, rng.choice(unique, size=len(unique) // 2, replace=False)) for _ in range(count)]
-
-
-def corrected_ba(labels: np.ndarray, proba: np.ndarray, class_bias) -> float:
-    """Balanced accuracy of the top class after evaluate's class-prior correction."""
-    return balanced_accuracy_score(labels, corrected(proba, class_bias).argmax(axis=1))
 
 
 def cross_validated_ba(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray,

@@ -161,15 +161,20 @@ def operating_point(labels: np.ndarray, proba: np.ndarray, mel_threshold: float)
     }
 
 
+def corrected_ba(labels: np.ndarray, proba: np.ndarray, class_bias) -> float:
+    """Balanced accuracy of the top class after the class-prior correction `class_bias`."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, corrected(proba, class_bias).argmax(axis=1)))
+
+
 def choose_decision(params: EvaluateParams, val_labels: np.ndarray, val_proba: np.ndarray,
                     train_labels: np.ndarray) -> Decision:
     """The prior strength with the best validation balanced accuracy (ties: the weakest), then the
     melanoma threshold that reaches the target sensitivity on validation."""
-    from sklearn.metrics import balanced_accuracy_score
 
     def score(strength: float) -> tuple[float, float]:
-        adjusted = corrected(val_proba, prior_bias(train_labels, strength))
-        return balanced_accuracy_score(val_labels, adjusted.argmax(axis=1)), -abs(strength)
+        return corrected_ba(val_labels, val_proba, prior_bias(train_labels, strength)), -abs(strength)
 
     strength = max(params.prior_strengths, key=score)
     bias = prior_bias(train_labels, strength)
