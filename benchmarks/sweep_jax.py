@@ -139,6 +139,8 @@ def online_augment_layer(augmentation: train.Augmentation, seed: int):
             images = ops.image.affine_transform(images, rows, interpolation="bilinear", fill_mode="reflect")
             brightness = 1 + self.uniform((batch, 1, 1, 1), augmentation.brightness)
             contrast = 1 + self.uniform((batch, 1, 1, 1), augmentation.contrast)
+            if augmentation.white_balance:
+                images = images * (1 + self.uniform((batch, 1, 1, 3), augmentation.white_balance))
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
             return ops.clip(contrast_then_brightness(images, mean, contrast, brightness), 0.0, 255.0)
 

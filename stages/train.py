@@ -53,8 +53,9 @@ class Augmentation:
     """`train.augmentation`: one random transform per training image per epoch, for every class.
 
     Geometry is one affine resampling with mirrored margins (dermoscopy has no "up"); colour is
-    contrast about the image's mean grey level, then brightness. Ranges and colour formula are
-    augment's synthetic copies' own (stages/transforms.py).
+    a per-channel gain (another white balance: dermatoscopes and cameras differ), then contrast
+    about the image's mean grey level, then brightness. Ranges and colour formula are augment's
+    synthetic copies' own (stages/transforms.py), except the gain, which only train draws.
     """
 
     flip: bool                    # random horizontal and vertical flips
@@ -64,16 +65,18 @@ class Augmentation:
     brightness: float             # multiplier uniform in 1 +- this
     contrast: float               # multiplier of each pixel's distance to the image's mean, 1 +- this
     photo_aspect: float           # width / height of the photos augment squashed to a square: turn those
+    white_balance: float = 0.0    # each channel's multiplier uniform in 1 +- this, drawn apart (0: none)
 
     def __post_init__(self) -> None:
         check_ranges(self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
                      self.contrast)
         in_range("photo_aspect", self.photo_aspect, 0.25, 4)
+        in_range("white_balance", self.white_balance, 0, 0.9)  # multipliers stay > 0
 
     @property
     def active(self) -> bool:
         return bool(self.flip or self.rotation_degrees or self.shift_fraction or self.zoom_fraction
-                    or self.brightness or self.contrast)
+                    or self.brightness or self.contrast or self.white_balance)
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,10 @@ def augment_batch(images, seed, augmentation: Augmentation):
 
     brightness = factor(brightness_seed, augmentation.brightness)
     contrast = factor(contrast_seed, augmentation.contrast)
+    if augmentation.white_balance:  # folded in, not split: with no gain the other draws stay as they were
+        gain_seed = tf.random.experimental.stateless_fold_in(colour, 1)
+        images = images * (1 + tf.random.stateless_uniform([batch, 1, 1, 3], gain_seed, -augmentation.white_balance,
+                                                            augmentation.white_balance))
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
     return tf.clip_by_value(contrast_then_brightness(images, mean, contrast, brightness), 0.0, 255.0)
 

@@ -55,6 +55,15 @@ def test_plain_images_stay_plain_and_in_range():
     assert np.ptp(out[:, 0, 0, 0]) > 1  # brightness differs between images
 
 
+def test_white_balance_gains_each_channel_apart():
+    plain = np.full((32, 8, 8, 3), 100, np.uint8)
+    gains_only = Augmentation(flip=False, rotation_degrees=0, shift_fraction=0, zoom_fraction=0, brightness=0,
+                              contrast=0, photo_aspect=1.0, white_balance=0.2)
+    gains = as_numpy(online_augment_layer(gains_only, seed=2)(plain, training=True))[:, 0, 0, :] / 100
+    assert 0.8 - 1e-6 <= gains.min() and gains.max() <= 1.2 + 1e-6
+    assert np.abs(gains[:, 0] - gains[:, 2]).max() > 0.1
+
+
 def test_config_parse():
     assert Config.parse("conv_dw_6,160,15") == Config("conv_dw_6", 160, 15)
     assert Config.parse("all,128,10").name == "all_128px_10ep"

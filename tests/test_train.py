@@ -168,8 +168,9 @@ def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkey
     ({"optimizer": "rmsprop"}, "train.optimizer must be one of"),
     ({"dropout": 1.5}, "dropout must be in"),
     ({"augmentation": {**TINY_TRAIN["augmentation"], "rotation_degrees": 270}}, "rotation_degrees must be in"),
+    ({"augmentation": {**TINY_TRAIN["augmentation"], "white_balance": 1.0}}, "white_balance must be in"),
     ({"augmentation": {**TINY_TRAIN["augmentation"], "hue": 0.1}}, "unknown key train.augmentation.hue"),
-], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout", "rotation", "augmentation-key"])
+], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout", "rotation", "white-balance", "augmentation-key"])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, **change})
     with pytest.raises(ParamError, match=message):
@@ -409,6 +410,29 @@ def test_geometry_fills_margins_by_reflection_and_colour_stays_in_range():
     bright = train_params(augmentation={**TINY_TRAIN["augmentation"], "brightness": 0.9, "contrast": 0.9})
     batch = next(iter(train.training_dataset(random_images(), np.zeros(24, int), 24, 3, bright.augmentation)))[0]
     assert 0 <= batch.numpy().min() and batch.numpy().max() <= 255
+
+
+def test_white_balance_scales_each_channel_apart_within_its_range():
+    """A plain image stays plain; each channel is multiplied by its own draw in 1 +- white_balance."""
+    plain = np.broadcast_to(np.array([200, 120, 40], np.uint8), (64, 8, 8, 3)).copy()
+    gains_only = train_params(augmentation={"flip": False, **NO_AUGMENTATION, "white_balance": 0.2}).augmentation
+    batch = next(iter(train.training_dataset(plain, np.zeros(64, int), 64, seed=3, augmentation=gains_only)))[0]
+    gains = batch.numpy()[:, 0, 0, :] / plain[0, 0, 0]
+    np.testing.assert_allclose(batch.numpy(), np.broadcast_to(batch.numpy()[:, :1, :1, :], batch.shape))
+    assert 0.8 - 1e-6 <= gains.min() and gains.max() <= 1.2 + 1e-6
+    assert gains.min() < 0.85 and gains.max() > 1.15                # the range is used
+    assert np.abs(gains[:, 0] - gains[:, 2]).max() > 0.1             # red and blue move apart
+    assert train_params().augmentation.white_balance == 0            # absent from params: no gain
+
+
+def test_white_balance_leaves_the_other_draws_as_they_were():
+    """The gain's seed is folded in: a vanishing gain gives the images that no gain gives."""
+    colour = {**TINY_TRAIN["augmentation"], "brightness": 0.5, "contrast": 0.5}
+    none, tiny = (train_params(augmentation={**colour, "white_balance": w}).augmentation for w in (0, 1e-9))
+    images = random_images()
+    first = epochs_of(train.training_dataset(images, np.zeros(24, int), 8, 3, none), 1)[0]
+    second = epochs_of(train.training_dataset(images, np.zeros(24, int), 8, 3, tiny), 1)[0]
+    np.testing.assert_allclose(first, second, atol=1e-3)
 
 
 def turns_only(photo_aspect: float = 1.0) -> train.Augmentation:
