@@ -47,12 +47,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages import train  # noqa: E402
-from stages.cpus import usable_cpus  # noqa: E402
 from stages.evaluate import EvaluateParams  # noqa: E402
-from stages.files import atomic_write_json, read_table  # noqa: E402
-from stages.images import image_file, load_image  # noqa: E402
-from stages.params import load_params  # noqa: E402
-from stages.shards import read_index, read_shards  # noqa: E402
+from stages.lib.files import atomic_write_json, read_table  # noqa: E402
+from stages.lib.images import image_file, load_image  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
+from stages.lib.progress import usable_cpus  # noqa: E402
+from stages.lib.shards import read_index, read_shards  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"

@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import dedupe  # noqa: E402
-from stages.images import MAX_IMAGE_PIXELS, image_file  # noqa: E402
+from stages.lib.images import MAX_IMAGE_PIXELS, image_file  # noqa: E402
 
 QUANTILES = (0.001, 0.01, 0.05, 0.5)
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from stages import train  # noqa: E402
-from stages.files import atomic_write_json  # noqa: E402
-from stages.params import load_params  # noqa: E402
+from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
 
 TRAIN_ROWS = 11_542  # training rows per epoch (the mirror, augment defaults)
 

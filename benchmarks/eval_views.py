@@ -38,12 +38,12 @@ import numpy as np  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
-from stages.files import atomic_write_json  # noqa: E402
-from stages.images import image_file, load_image  # noqa: E402
-from stages.inference import VIEWS as PIPELINE_VIEWS  # noqa: E402
-from stages.inference import corrected, flips, mean_over_views  # noqa: E402
-from stages.params import load_params  # noqa: E402
-from stages.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.images import image_file, load_image  # noqa: E402
+from stages.lib.inference import VIEWS as PIPELINE_VIEWS  # noqa: E402
+from stages.lib.inference import corrected, flips, mean_over_views  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
+from stages.lib.shards import read_shards  # noqa: E402
 from stages.train import TrainParams, build_model  # noqa: E402
 
 log = logging.getLogger("eval_views")

@@ -6,7 +6,7 @@ Run from the project root once a model is trained (a few minutes on one core):
         [--calibration 200 1000 2000] [--debug-images 100] [--variants ...] [--json out.json]
 
 It prints one row per variant: top-1 agreement with the Keras model on the test split (both
-through stages/inference.py's predict_proba, no test-time flips), balanced accuracy, file size
+through stages/lib/inference.py's predict_proba, no test-time flips), balanced accuracy, file size
 and latency (median ms per image, batch of one, one CPU thread). Variants:
 
 - float16: the export stage's float16 file (the reference for size and speed);
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from stages import export  # noqa: E402
-from stages.files import atomic_write_text  # noqa: E402
-from stages.inference import predict_proba  # noqa: E402
-from stages.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_text  # noqa: E402
+from stages.lib.inference import predict_proba  # noqa: E402
+from stages.lib.shards import read_shards  # noqa: E402
 
 
 def figures(reference: np.ndarray, labels: np.ndarray, proba: np.ndarray, model_bytes: bytes, image: np.ndarray,

@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 
 from benchmarks.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, corrected_ba, lesion_groups, real_train_labels  # noqa: E402
-from stages.files import atomic_write_json  # noqa: E402
-from stages.inference import prior_bias  # noqa: E402
-from stages.params import load_params  # noqa: E402
-from stages.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.inference import prior_bias  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
+from stages.lib.shards import read_shards  # noqa: E402
 
 
 def lesion_halvings(groups: np.ndarray, count: int, seed: int) -> list[np.ndarray]:

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
-from stages.files import atomic_write_json  # noqa: E402
-from stages.inference import corrected  # noqa: E402
-from stages.params import load_params  # noqa: E402
+from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.inference import corrected  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
 
 FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
 

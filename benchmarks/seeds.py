@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from stages import train  # noqa: E402
-from stages.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from stages.inference import VIEWS, predict_proba  # noqa: E402
-from stages.params import from_dict, load_params  # noqa: E402
-from stages.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from stages.lib.inference import VIEWS, predict_proba  # noqa: E402
+from stages.lib.params import from_dict, load_params  # noqa: E402
+from stages.lib.shards import read_shards  # noqa: E402
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -49,10 +49,10 @@ from benchmarks.score_seeds import mean_sd, score_run  # noqa: E402
 from benchmarks.seeds import parse_override, save_probabilities, train_params  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
-from stages.files import atomic_write_json  # noqa: E402
-from stages.inference import VIEWS, predict_proba  # noqa: E402
-from stages.params import load_params  # noqa: E402
-from stages.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.inference import VIEWS, predict_proba  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
+from stages.lib.shards import read_shards  # noqa: E402
 from stages.transforms import affine_about_centre, contrast_then_brightness  # noqa: E402
 
 log = logging.getLogger("sweep")

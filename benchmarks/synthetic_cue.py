@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from stages.augment import AugmentParams, augment, draw_transform, working_copy  # noqa: E402
-from stages.classes import CLASSES, LABELS  # noqa: E402
-from stages.files import atomic_write_json, read_table  # noqa: E402
-from stages.images import image_file, open_rgb, resize_square  # noqa: E402
-from stages.params import load_params  # noqa: E402
+from stages.lib.dataset import CLASSES, LABELS  # noqa: E402
+from stages.lib.files import atomic_write_json, read_table  # noqa: E402
+from stages.lib.images import image_file, open_rgb, resize_square  # noqa: E402
+from stages.lib.params import load_params  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Augment: decode and resize every image once into shards; oversample train's minority classes.
 
 Reads data/split/{train,val,test}.csv and data/raw/images/{image_id}.jpg and writes data/augmented/
-(the shard contract is stages/shards.py):
+(the shard contract is stages/lib/shards.py):
 
 - val and test: each image resized to `image_size`, in the CSV's order, never augmented;
 - train: each real image resized, plus copies of the minority classes' images, shuffled once.
@@ -45,16 +45,13 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from stages.classes import CLASSES, LABELS
-from stages.cli import run_stage
-from stages.cpus import usable_cpus
-from stages.errors import StageError
-from stages.files import atomic_dir, atomic_write_json, read_table
-from stages.images import ImageError, image_file, open_rgb, resize_square
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.progress import track
-from stages.shards import copy_id, write_shards
-from stages.splits import SPLITS
+from stages.lib.cli import StageError, run_stage
+from stages.lib.dataset import CLASSES, LABELS, SPLITS
+from stages.lib.files import atomic_dir, atomic_write_json, read_table
+from stages.lib.images import ImageError, image_file, open_rgb, resize_square
+from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.progress import track, usable_cpus
+from stages.lib.shards import copy_id, write_shards
 from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.augment")
@@ -291,7 +288,7 @@ def render_split(jobs: list[Job], params: AugmentParams, mapper: Mapper,
     """(images, labels, image_ids) of all the jobs' outputs, permuted by `order` if given.
 
     Each image is written straight to its final row, so the split is held in memory once.
-    Progress (`what`) is a bar in a terminal, one line per tenth in logs (stages/progress.py).
+    Progress (`what`) is a bar in a terminal, one line per tenth in logs (stages/lib/progress.py).
     """
     ids = np.array([i for job in jobs for i in job.output_ids()], dtype=str)
     labels = np.array([job.label for job in jobs for _ in job.output_ids()], dtype=np.int64)

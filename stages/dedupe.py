@@ -89,14 +89,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.classes import CLASSES, LABELS
-from stages.cli import run_stage
-from stages.cpus import usable_cpus
-from stages.errors import StageError
-from stages.files import atomic_dir, atomic_write_json, write_table
-from stages.images import MAX_IMAGE_PIXELS, ImageError, open_rgb
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.progress import track
+from stages.lib.cli import StageError, run_stage
+from stages.lib.dataset import CLASSES, LABELS
+from stages.lib.files import atomic_dir, atomic_write_json, write_table
+from stages.lib.images import MAX_IMAGE_PIXELS, ImageError, open_rgb
+from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.progress import track, usable_cpus
 
 log = logging.getLogger("stages.dedupe")
 
@@ -247,7 +245,7 @@ def scan_image(path: Path, max_pixels: int) -> ImageScan | str:
 def scan_images(paths: list[Path], max_pixels: int, workers: int) -> list[ImageScan | str]:
     """scan_image for every path, in `workers` processes (decoding is CPU-bound), in order.
 
-    Progress is a bar in a terminal, one line per tenth in logs (stages/progress.py).
+    Progress is a bar in a terminal, one line per tenth in logs (stages/lib/progress.py).
     """
     jobs = [(path, max_pixels) for path in paths]
     what = "decode and hash"

@@ -39,10 +39,9 @@ from typing import BinaryIO, TypeVar
 
 from tqdm import tqdm
 
-from stages.cli import run_stage
-from stages.errors import StageError
-from stages.files import atomic_dir, atomic_write_json
-from stages.params import PARAMS_FILE, in_range, load_params
+from stages.lib.cli import StageError, run_stage
+from stages.lib.files import atomic_dir, atomic_write_json
+from stages.lib.params import PARAMS_FILE, in_range, load_params
 
 log = logging.getLogger("stages.download")
 RAW_DIR = Path("data/raw")

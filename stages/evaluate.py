@@ -6,7 +6,7 @@ scikit-learn from the model's probabilities; plots are written as small CSV tabl
 `dvc plots show` / `dvc plots diff` draw with the class names on them.
 
 Everything that turns probabilities into answers is chosen on **validation only** and written to
-`models/decision.json`, which `predict` applies too (see stages/inference.py): test-time flips
+`models/decision.json`, which `predict` applies too (see stages/lib/inference.py): test-time flips
 (a param), the class-prior correction strength (the candidate with the best validation balanced
 accuracy) and the melanoma threshold (the highest one whose validation sensitivity reaches
 `mel_sensitivity_target`). Test is then scored with that fixed rule. Test is also read by
@@ -24,11 +24,10 @@ from typing import Literal
 
 import numpy as np
 
-from stages.classes import CLASSES, MELANOMA
-from stages.cli import run_stage
-from stages.errors import StageError
-from stages.files import atomic_write_json, atomic_write_text, read_table
-from stages.inference import (
+from stages.lib.cli import StageError, run_stage
+from stages.lib.dataset import CLASSES, MELANOMA
+from stages.lib.files import atomic_write_json, atomic_write_text, read_table
+from stages.lib.inference import (
     Decision,
     corrected,
     decide,
@@ -36,8 +35,8 @@ from stages.inference import (
     prior_bias,
     threshold_for_sensitivity,
 )
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.shards import read_index, read_shards
+from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.shards import read_index, read_shards
 
 log = logging.getLogger("stages.evaluate")
 CURVE_POINTS = 101  # ROC and PR curves are sampled on a common grid, one column per class

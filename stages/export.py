@@ -49,13 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.cli import run_stage
-from stages.errors import StageError
-from stages.files import atomic_write_bytes, atomic_write_json
-from stages.inference import Decision, corrected, predict_proba
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.progress import Progress
-from stages.shards import COPY_MARK, is_copy, read_index, read_shards
+from stages.lib.cli import StageError, run_stage
+from stages.lib.files import atomic_write_bytes, atomic_write_json
+from stages.lib.inference import Decision, corrected, predict_proba
+from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.progress import Progress
+from stages.lib.shards import COPY_MARK, is_copy, read_index, read_shards
 
 log = logging.getLogger("stages.export")
 
@@ -234,7 +233,7 @@ def latency_ms(model_bytes: bytes, image: np.ndarray, runs: int = 50) -> float:
 def tflite_predict(model_bytes: bytes, images: np.ndarray, batch_size: int, what: str = "tflite",
                    tta: str = "none") -> np.ndarray:
     """Probabilities from a .tflite model through inference.predict_proba (with `tta`),
-    `batch_size` images per call (progress: stages/progress.py)."""
+    `batch_size` images per call (progress: stages/lib/progress.py)."""
     views = 4 if tta == "flips" else 1
     with Progress(len(images) * views, what, "images", log) as progress:
         return predict_proba(TFLiteModel(model_bytes, progress=progress), images, tta=tta, batch_size=batch_size)

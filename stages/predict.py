@@ -8,7 +8,7 @@ images that decode are predicted in batches; a file that fails (missing, empty, 
 image, too large) gets its own error and the others still run.
 
 Probabilities and the answer go through the rule `evaluate` chose on validation and stored in
-models/decision.json (stages/inference.py): test-time flips, the class-prior correction, and the
+models/decision.json (stages/lib/inference.py): test-time flips, the class-prior correction, and the
 melanoma operating point. Each result's `decision` is `mel` when p(mel) reaches the stored threshold
 (chosen for a high melanoma sensitivity), else the most probable class. The probabilities reflect
 the class-balanced prior the model was trained with, not how common each disease is: a 30% `mel`
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.classes import CLASS_NAMES, CLASSES
-from stages.errors import StageError
-from stages.images import ImageError, load_image
-from stages.inference import Decision, corrected, decide, predict_proba
+from stages.lib.cli import StageError
+from stages.lib.dataset import CLASS_NAMES, CLASSES
+from stages.lib.images import ImageError, load_image
+from stages.lib.inference import Decision, corrected, decide, predict_proba
 
 DEFAULT_MODEL = Path("models/model.keras")
 TOP = 3

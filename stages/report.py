@@ -1,14 +1,14 @@
 """Stage `report`: what a reader needs beyond the headline metrics, in one folder `metrics/report/`.
 
 - `gradcam/<dx>.png`: one Grad-CAM contact sheet per true class, for a seeded sample of test
-  images, up to N correctly and N wrongly classified (stages/gradcam.py).
+  images, up to N correctly and N wrongly classified (stages/lib/gradcam.py).
 - `calibration.csv`: the reliability diagram (top-label confidence per bin against accuracy).
 - `summary.json`: the expected calibration error, the one figure of this stage that `dvc metrics`
   compares.
 - `subgroups.json`: metrics by sex, age band and body site (a plain output: too many figures to
   be metrics, and most groups are too small to compare run against run).
 - `model_card.md`: model, data and its origin (data/raw/source.json), metrics, confusion matrix,
-  calibration, subgroups, intended use, limitations and how to reproduce (stages/model_card.py).
+  calibration, subgroups, intended use, limitations and how to reproduce (stages/lib/model_card.py).
 
 This module gathers the inputs, computes calibration and subgroups, and composes the rest.
 Everything is computed from files earlier stages wrote (predictions.csv for calibration and the
@@ -28,12 +28,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.classes import CLASSES
-from stages.cli import run_stage
-from stages.errors import StageError
-from stages.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_table
-from stages.gradcam import GRADCAM_LAYER, gradcam_sample, gradcam_sheets
-from stages.model_card import (
+from stages.lib.cli import StageError, run_stage
+from stages.lib.dataset import CLASSES, SPLIT_COLUMNS, SPLITS
+from stages.lib.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_table
+from stages.lib.gradcam import GRADCAM_LAYER, gradcam_sample, gradcam_sheets
+from stages.lib.model_card import (
     SOURCES,
     SUBGROUP_ATTRIBUTES,
     UNKNOWN,
@@ -41,9 +40,8 @@ from stages.model_card import (
     describe_model,
     model_card,
 )
-from stages.params import PARAMS_FILE, from_dict, in_range, load_params
-from stages.shards import read_index, read_shards
-from stages.splits import SPLIT_COLUMNS, SPLITS
+from stages.lib.params import PARAMS_FILE, from_dict, in_range, load_params
+from stages.lib.shards import read_index, read_shards
 
 log = logging.getLogger("stages.report")
 

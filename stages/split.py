@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.classes import CLASSES, LABELS, class_mapping
-from stages.cli import run_stage
-from stages.errors import StageError
-from stages.files import atomic_dir, atomic_write_json, read_json, read_table, write_table
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.splits import SPLITS
+from stages.lib.cli import StageError, run_stage
+from stages.lib.dataset import CLASSES, LABELS, SPLITS, class_mapping
+from stages.lib.files import atomic_dir, atomic_write_json, read_json, read_table, write_table
+from stages.lib.params import PARAMS_FILE, in_range, load_params
 
 log = logging.getLogger("stages.split")
 

@@ -35,11 +35,10 @@ from typing import Literal
 
 import numpy as np
 
-from stages.classes import CLASSES
-from stages.cli import run_stage
-from stages.errors import ParamError, StageError
-from stages.params import PARAMS_FILE, in_range, load_params
-from stages.shards import read_index, read_shards
+from stages.lib.cli import ParamError, StageError, run_stage
+from stages.lib.dataset import CLASSES
+from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.shards import read_index, read_shards
 from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.train")

@@ -10,7 +10,7 @@ degrees swaps which axis is squashed. augment turns the photo itself, before its
 """
 from __future__ import annotations
 
-from stages.params import in_range
+from stages.lib.params import in_range
 
 
 def check_ranges(rotation_degrees: float, shift_fraction: float, zoom_fraction: float, brightness: float,

@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from stages.classes import CLASSES  # noqa: E402
-from stages.shards import write_shards  # noqa: E402
+from stages.lib.dataset import CLASSES  # noqa: E402
+from stages.lib.shards import write_shards  # noqa: E402
 
 TINY_TRAIN = {
     "seed": 1, "weights": "none", "alpha": 0.25, "trainable_from": "all", "freeze_batchnorm": False, "dropout": 0.1,
@@ -25,7 +25,7 @@ TINY_TRAIN = {
 
 def train_params(**change):
     """TINY_TRAIN with `change`, checked as the stage checks params.yaml's `train` section."""
-    from stages.params import from_dict
+    from stages.lib.params import from_dict
     from stages.train import TrainParams
 
     return from_dict(TrainParams, {**TINY_TRAIN, **change}, "train")

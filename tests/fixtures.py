@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from stages.classes import CLASSES
+from stages.lib.dataset import CLASSES
 
 METADATA_FILE = "HAM10000_metadata.csv"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")

@@ -14,10 +14,10 @@ from PIL import Image
 
 from stages import augment
 from stages.augment import AugmentParams, Transform
-from stages.classes import LABELS
-from stages.errors import ParamError, StageError
-from stages.images import load_image
-from stages.shards import read_index, read_shards
+from stages.lib.cli import ParamError, StageError
+from stages.lib.dataset import LABELS
+from stages.lib.images import load_image
+from stages.lib.shards import read_index, read_shards
 from tests.fixtures import declare_size
 
 PARAMS = {

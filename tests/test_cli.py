@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.cli import run_stage, stage_parser
-from stages.errors import StageError
+from stages.lib.cli import StageError, run_stage, stage_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from stages import dedupe
-from stages.classes import CLASSES
-from stages.errors import ParamError, StageError
+from stages.lib.cli import ParamError, StageError
+from stages.lib.dataset import CLASSES
 from tests.fixtures import METADATA_FILE, declare_size, image_pixels, jpeg_bytes, make_metadata, write_params, write_raw
 
 

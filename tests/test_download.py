@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 
 import stages.download as download
-from stages.errors import ParamError, StageError
+from stages.lib.cli import ParamError, StageError
 from tests.http_fixtures import FileServer
 
 P1, P2, META = "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata.csv"

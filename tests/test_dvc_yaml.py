@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import evaluate, gradcam, report
-from stages.classes import CLASSES
+from stages import evaluate, report
+from stages.lib import gradcam
+from stages.lib.dataset import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))

@@ -10,9 +10,9 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from stages import evaluate, train
-from stages.classes import CLASSES
-from stages.errors import ParamError
-from stages.inference import TTA, VIEWS, Decision, corrected, decide, predict_proba, threshold_for_sensitivity
+from stages.lib.cli import ParamError
+from stages.lib.dataset import CLASSES
+from stages.lib.inference import TTA, VIEWS, Decision, corrected, decide, predict_proba, threshold_for_sensitivity
 from tests.conftest import TINY_TRAIN
 from tests.fixtures import write_params
 
@@ -159,7 +159,7 @@ def test_every_tta_setting_has_its_views():
 
 
 def write_split_csvs(folder, shards):
-    from stages.shards import read_shards
+    from stages.lib.shards import read_shards
 
     folder.mkdir(parents=True)
     for split in ("val", "test"):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from stages import export
-from stages.classes import CLASSES
-from stages.errors import ParamError, StageError
-from stages.inference import Decision, predict_proba
-from stages.params import load_params
-from stages.shards import read_shards
+from stages.lib.cli import ParamError, StageError
+from stages.lib.dataset import CLASSES
+from stages.lib.inference import Decision, predict_proba
+from stages.lib.params import load_params
+from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model

@@ -1,4 +1,4 @@
-"""stages/images.py: odd but valid files decode to what the plain 8-bit upright RGB file gives.
+"""stages/lib/images.py: odd but valid files decode to what the plain 8-bit upright RGB file gives.
 
 Each case writes the same picture (a seeded smooth pattern, 40x30: not square, so a missed
 rotation cannot pass) in an odd form, and compares open_rgb's result with the plain image.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import ImageError, load_image, open_rgb
+from stages.lib.images import ImageError, load_image, open_rgb
 from tests.fixtures import image_pixels, jpeg_bytes
 
 SIZE = (40, 30)

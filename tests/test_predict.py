@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from stages import predict
-from stages.classes import CLASS_NAMES, CLASSES
-from stages.images import load_image
-from stages.inference import Decision
-from stages.shards import read_shards
+from stages.lib.dataset import CLASS_NAMES, CLASSES
+from stages.lib.images import load_image
+from stages.lib.inference import Decision
+from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import image_pixels, jpeg_bytes
 from tests.tiny_model import tiny_model

@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 
 from benchmarks.prior_grid import lesion_halvings, score_run
-from stages.classes import CLASSES
 from stages.evaluate import EvaluateParams
+from stages.lib.dataset import CLASSES
 
 MEL, NV = CLASSES.index("mel"), CLASSES.index("nv")
 NARROW = EvaluateParams(batch_size=8, tta="flips", prior_strengths=[-0.5, -0.25, 0.0, 0.25, 0.5],

@@ -1,4 +1,4 @@
-"""Progress display (stages/progress.py): a bar with an ETA in a terminal, one line per step in logs."""
+"""Progress display (stages/lib/progress.py): a bar with an ETA in a terminal, one line per step in logs."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from stages import progress
+from stages.lib import progress
 
 
 class Terminal(io.StringIO):
@@ -47,7 +47,7 @@ def test_in_a_terminal_a_bar_shows_the_rate_and_time_left(caplog, monkeypatch):
             pass
     drawn = screen.getvalue()
     assert "dedupe" in drawn and "100%" in drawn and "50/50" in drawn and "<" in drawn  # elapsed<left
-    assert not [r for r in caplog.records if r.name == "stages.progress"], "no log lines under a bar"
+    assert not [r for r in caplog.records if r.name == "stages.lib.progress"], "no log lines under a bar"
 
 
 @pytest.mark.parametrize("forced, expected", [("log", "log"), ("bar", "bar"), ("off", "off"), ("", "bar")])

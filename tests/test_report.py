@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from stages import evaluate, gradcam, report, train
-from stages.classes import CLASS_NAMES, CLASSES
-from stages.errors import ParamError
-from stages.params import load_params
+from stages.lib.cli import ParamError
+from stages.lib.dataset import CLASS_NAMES, CLASSES
+from stages.lib.params import load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 
@@ -173,7 +173,7 @@ def write_stage_inputs(root: Path) -> dict[str, Path]:
     """Everything the stage reads, as earlier stages would have written it, in `root`."""
     import keras
 
-    from stages.shards import read_shards
+    from stages.lib.shards import read_shards
 
     rng = np.random.default_rng(0)
     data_dir = make_shards(root / "augmented")
@@ -302,7 +302,7 @@ def test_source_wording(source, expected):
 
 
 def test_a_missing_or_unknown_source_record_is_a_clear_error(tmp_path):
-    from stages.errors import StageError
+    from stages.lib.cli import StageError
 
     with pytest.raises(StageError, match=r"source.json: not found \(.*download"):
         report.read_source(tmp_path / "source.json")

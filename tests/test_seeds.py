@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from benchmarks.seeds import add_test, save_probabilities
-from stages.inference import VIEWS, predict_proba
-from stages.shards import read_shards
+from stages.lib.inference import VIEWS, predict_proba
+from stages.lib.shards import read_shards
 from tests.tiny_model import tiny_model
 
 

@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 
-from stages.cpus import usable_cpus
-from stages.errors import StageError
-from stages.files import read_json
-from stages.params import in_range
-from stages.shards import copy_id, is_copy, read_shards, write_shards
+from stages.lib.cli import StageError
+from stages.lib.files import read_json
+from stages.lib.params import in_range
+from stages.lib.progress import usable_cpus
+from stages.lib.shards import copy_id, is_copy, read_shards, write_shards
 from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 
@@ -104,7 +104,7 @@ def test_shards_store_both_images_of_a_hash_collision(tmp_path, monkeypatch):
         def digest(self):
             return b"same"
 
-    monkeypatch.setattr("stages.shards.hashlib.blake2b", Colliding)
+    monkeypatch.setattr("stages.lib.shards.hashlib.blake2b", Colliding)
     distinct = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     rows = np.array([0, 1, 0, 2, 1])
     _, _, stored = write_split(tmp_path, distinct[rows], shard_images=2)

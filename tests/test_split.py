@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 
 from stages import split
-from stages.classes import CLASSES, LABELS
-from stages.errors import ParamError, StageError
-from stages.params import load_params
-from stages.splits import SPLITS
+from stages.lib.cli import ParamError, StageError
+from stages.lib.dataset import CLASSES, LABELS, SPLITS
+from stages.lib.params import load_params
 from tests.fixtures import make_metadata, write_params
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}

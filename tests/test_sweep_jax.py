@@ -11,8 +11,8 @@ import pytest
 from benchmarks import score_seeds
 from benchmarks.score_seeds import score_run
 from benchmarks.sweep_jax import Config, online_augment_layer
-from stages.classes import CLASSES
 from stages.evaluate import EvaluateParams
+from stages.lib.dataset import CLASSES
 from stages.train import Augmentation
 from tests.fixtures import write_params
 

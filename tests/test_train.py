@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from stages import train
-from stages.classes import CLASSES
-from stages.errors import ParamError, StageError
-from stages.params import from_dict, load_params
+from stages.lib.cli import ParamError, StageError
+from stages.lib.dataset import CLASSES
+from stages.lib.params import from_dict, load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 

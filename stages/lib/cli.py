@@ -23,11 +23,17 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stages.errors import StageError
-
 EXIT_STATUS = ("exit status: 0 done; 1 an error the message explains (outputs are left as they were "
                "before this run); 130 interrupted (outputs left as they were)")
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+class StageError(Exception):
+    """An error the user can fix: the message names the file or key and the problem."""
+
+
+class ParamError(StageError):
+    """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
 
 
 def module_name(main: Callable[..., Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.classes import CLASSES, MELANOMA
+from stages.lib.dataset import CLASSES, MELANOMA
 
 TTA = Literal["none", "flips"]
 
@@ -73,15 +73,15 @@ class Decision:
 
     def save(self, path: Path) -> dict:
         record = {**asdict(self), "class_bias": dict(zip(CLASSES, self.class_bias)), "chosen_on": "val"}
-        from stages.files import atomic_write_json
+        from stages.lib.files import atomic_write_json
 
         atomic_write_json(Path(path), record)
         return record
 
     @classmethod
     def load(cls, path: Path) -> Decision:
-        from stages.errors import StageError
-        from stages.files import read_json
+        from stages.lib.cli import StageError
+        from stages.lib.files import read_json
 
         record = read_json(path, made_by="evaluate")
         try:

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from stages.errors import ParamError
+from stages.lib.cli import ParamError
 
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")

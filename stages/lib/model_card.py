@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.classes import CLASS_NAMES, CLASSES
-from stages.splits import SPLITS
+from stages.lib.dataset import CLASS_NAMES, CLASSES, SPLITS
 
 OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPEGs)
 UNKNOWN = "unknown"
@@ -315,7 +314,7 @@ def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: in
     """The whole card; deterministic text (no dates), so a diff shows only real changes."""
     sections = [
         "# Model card: HAM10000 skin-lesion classifier (MobileNet V1)",
-        "Written by `dvc repro report` (stages/report.py, stages/model_card.py) from the pipeline's outputs; "
+        "Written by `dvc repro report` (stages/report.py, stages/lib/model_card.py) from the pipeline's outputs; "
         "do not edit by hand.\n\n"
         "Classes: " + ", ".join(f"{code} {class_label(dx)}" for code, dx in enumerate(CLASSES)) + ".",
         model_section(train, model_facts, image_size),

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import StageError
-from stages.files import read_json
+from stages.lib.cli import StageError
+from stages.lib.files import read_json
 
 COPY_MARK = "+aug"
 

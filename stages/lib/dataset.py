@@ -1,6 +1,6 @@
-"""The seven HAM10000 classes, in the one order every stage, file and the model's output use.
-
-Codes are alphabetical by `dx`, as in the ISIC 2018 task 3 ground truth.
+"""The dataset's contract: the seven classes in the one order every stage, file and the model's
+output use (codes alphabetical by `dx`, as in the ISIC 2018 task 3 ground truth), the three splits,
+and the columns every split CSV holds.
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ CLASS_NAMES: dict[str, str] = {
 }
 LABELS: dict[str, int] = {dx: code for code, dx in enumerate(CLASSES)}
 MELANOMA = LABELS["mel"]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "lesion_group", "dx", "label")
 
 
 def class_mapping() -> list[dict[str, Any]]:

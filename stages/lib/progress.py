@@ -54,7 +54,7 @@ class Progress:
     def __init__(self, total: int, what: str, unit: str = "items", logger: logging.Logger | None = None,
                  steps: int = 10, stream: IO[str] | None = None) -> None:
         self.total, self.what, self.unit = max(int(total), 0), what, unit
-        self.logger = logger or logging.getLogger("stages.progress")
+        self.logger = logger or logging.getLogger("stages.lib.progress")
         self.steps = max(int(steps), 1)
         self.done = 0
         self.started = time.perf_counter()
@@ -105,3 +105,13 @@ def track(iterable: Iterable[T], total: int, what: str, unit: str = "items", log
         for item in iterable:
             yield item
             bar.update(1)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroups cpusets), at least 1.
+
+    os.cpu_count() counts the machine's CPUs, which overcommits a process pinned to fewer.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.errors import StageError
+from stages.lib.cli import StageError
 
 # The columns of our CSVs that hold codes, read as strings (an image_id is not a number).
 STRING_COLUMNS = {"image_id": str, "lesion_id": str, "lesion_group": str, "dx": str}

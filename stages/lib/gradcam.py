@@ -15,8 +15,8 @@ import io
 import numpy as np
 import pandas as pd
 
-from stages.classes import CLASS_NAMES, CLASSES, LABELS
-from stages.errors import StageError
+from stages.lib.cli import StageError
+from stages.lib.dataset import CLASS_NAMES, CLASSES, LABELS
 
 GRADCAM_LAYER = "conv_pw_13_relu"  # MobileNet V1's last convolutional activation
 GRADCAM_BATCH = 32  # images per backward pass: bounds memory whatever gradcam_per_class is

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import StageError
+from stages.lib.cli import StageError
 
 MAX_IMAGE_PIXELS = 50_000_000  # HAM10000 originals are 600x450; far beyond this is a bomb.
 
