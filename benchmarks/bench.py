@@ -2,7 +2,7 @@
 
 Run from the project root (takes a few minutes; run it on a quiet machine):
 
-    .venv/bin/python benchmarks/bench.py [--train-images 768] [--predict-images 256] ...
+    python -m benchmarks.bench [--train-images 768] [--predict-images 256] ...
 
 It prints one table and writes the same figures as JSON (benchmarks/results.json). It never
 touches the project's data/, models/ or metrics/: the data stages run from scratch with
@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages import train  # noqa: E402

@@ -1,6 +1,6 @@
 """Cost of a training epoch by trainable depth and input size, and what a frozen-feature cache would save.
 
-    python benchmarks/epoch_cost.py [--sizes 128 160 192] [--depths conv_dw_11 conv_dw_6 all] [--out FILE]
+    python -m benchmarks.epoch_cost [--sizes 128 160 192] [--depths conv_dw_11 conv_dw_6 all] [--out FILE]
         [--batch-sizes 16 32 64] [--batchnorm frozen trained]
 
 Why: the recipe (depth, input size, epochs) must fit 45 minutes on 2 CPU cores, so its cost is
@@ -20,11 +20,8 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 

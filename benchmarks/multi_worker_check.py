@@ -1,6 +1,6 @@
 """`train.distribution: multi_worker`, checked on one machine: two workers on loopback ports.
 
-    .venv/bin/python benchmarks/multi_worker_check.py
+    python -m benchmarks.multi_worker_check
 
 Starts two processes, each running stages.train's `main` on the same tiny shards with its own
 TF_CONFIG (index 0 and 1), exactly as two machines would with `python -m stages.train`. Passes

@@ -22,7 +22,7 @@ is depends on `copies`:
   not differently: train augments every image of every class on-line with one random transform
   (train.augmentation), so no pixel-level trait marks a class. Measured: with synthetic copies
   for the minority classes only, the model learnt "looks synthetic -> not nv"
-  (benchmarks/synthetic_cue.py; docs/experiments.md).
+  (experiments/synthetic_cue.py; docs/experiments.md).
 - `synthetic`: a random rotation, shift, zoom, flip and colour change of the real image, made
   here at the source's resolution, with mirrored margins. Its transform is drawn from a
   generator seeded by (seed, class, k) alone, so the output is byte-identical whatever the number

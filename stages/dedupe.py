@@ -49,7 +49,7 @@ the same picture under any per-channel linear colour change, about 0.7 for unrel
 pair is a near duplicate when it is at most `max_colour_fit_residual`. duplicates.csv's evidence
 names the measure, its value, the threshold, the pHash distance and the flip/rotation.
 
-Measured on the HAM10000 mirror (8,584 images; benchmarks/dedupe_proof.py; 68,968 candidate pairs
+Measured on the HAM10000 mirror (8,584 images; experiments/dedupe_proof.py; 68,968 candidate pairs
 within 10 bits, wider than the stage's 6):
 - byte-identical pairs: 0.000-0.004;
 - the same photograph re-processed: ISIC_0025226 / ISIC_0030074 (two lesion ids; grey mean

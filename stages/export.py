@@ -19,7 +19,7 @@ Why it is done this way (TensorFlow 2.21, Keras 3):
   7 float32 probabilities out, quantised/dequantised at the edges of the int8 file. So one
   scoring path serves all three.
 - Where int8 loses precision, measured with TFLite's quantisation debugger (int8_layer_errors;
-  benchmarks/int8_fidelity.py) on the 128 px model of issue 12 (all layers trained, BatchNorm
+  experiments/int8_fidelity.py) on the 128 px model of issue 12 (all layers trained, BatchNorm
   frozen with ImageNet statistics), on the 1,287 test images: with every op int8, agreement is
   0.925 (200 calibration images, '+aug' copies included), 0.926 (200 real), 0.930 (1,000 real).
   The worst layers are depthwise convolutions: conv_dw_1 errs by 2.8 quantisation steps RMS,

@@ -13,7 +13,7 @@ import yaml
 
 from stages.lib.cli import StageError, run_stage, stage_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
 COMMANDS = [*STAGES, "predict"]
 HEAVY = ("tensorflow", "keras", "sklearn", "dvclive")  # none of these may load just to print usage

@@ -1,6 +1,6 @@
 """Score trained models on validation with other test-time views: more symmetries, larger inputs, colours.
 
-    python benchmarks/eval_views.py --models models/model.keras runs/seed1.keras ... --out runs/views
+    python -m experiments.eval_views --models models/model.keras runs/seed1.keras ... --out runs/views
 
 Why: a change to `evaluate` alone costs minutes, not a 35-minute training, so it is worth knowing
 whether the committed models would score better when shown each validation image differently:
@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 import numpy as np  # noqa: E402
 
-from benchmarks.score_seeds import mean_sd  # noqa: E402
+from experiments.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
 from stages.lib.files import atomic_write_json  # noqa: E402
 from stages.lib.images import image_file, load_image  # noqa: E402

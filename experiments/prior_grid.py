@@ -1,13 +1,13 @@
 """Would another grid of class-prior strengths score better on images it was not chosen on?
 
-    python benchmarks/prior_grid.py runs/seeds/seed*.npz --grid -1 -0.75 -0.5 -0.25 0 0.25 0.5 --out runs/grid.json
+    python -m experiments.prior_grid runs/seeds/seed*.npz --grid -1 -0.75 -0.5 -0.25 0 0.25 0.5 --out runs/grid.json
 
 Why: `evaluate` picks the prior strength with the best validation balanced accuracy among
 `evaluate.prior_strengths`. When the pick sits at the grid's edge, a wider grid looks better on the
 same images by construction. To see whether it would generalise, validation is halved at random
 by lesion group (no lesion on both sides), the strength is chosen on one half with evaluate's own
 rule and scored on the other, both ways round, over many halvings. Reads the validation
-probabilities that `benchmarks/seeds.py` saves (`val_labels`, `val_<tta>`); test is not read.
+probabilities that `experiments/seeds.py` saves (`val_labels`, `val_<tta>`); test is not read.
 Writes, per run, the validation balanced accuracy at each strength, the cross-validated balanced
 accuracy of the committed grid and of `--grid`, and their difference.
 """
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 import numpy as np  # noqa: E402
 
-from benchmarks.score_seeds import mean_sd  # noqa: E402
+from experiments.score_seeds import mean_sd  # noqa: E402
 from stages.evaluate import EvaluateParams, choose_decision, corrected_ba, lesion_groups, real_train_labels  # noqa: E402
 from stages.lib.files import atomic_write_json  # noqa: E402
 from stages.lib.inference import prior_bias  # noqa: E402
@@ -63,7 +60,7 @@ def score_run(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="seed<N>.npz files written by benchmarks/seeds.py")
+    parser.add_argument("runs", type=Path, nargs="+", help="seed<N>.npz files written by experiments/seeds.py")
     parser.add_argument("--grid", type=float, nargs="+", required=True, help="candidate prior strengths")
     parser.add_argument("--halvings", type=int, default=200)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

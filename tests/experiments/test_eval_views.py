@@ -1,4 +1,4 @@
-"""benchmarks/eval_views.py: its test-time views and the same weights at another input size."""
+"""experiments/eval_views.py: its test-time views and the same weights at another input size."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 import pytest
 
-from benchmarks.eval_views import VIEWS, dihedral, parse_view, resized_model, white_balanced
+from experiments.eval_views import VIEWS, dihedral, parse_view, resized_model, white_balanced
 from stages.train import build_model
 from tests.conftest import train_params
 

@@ -22,7 +22,7 @@ from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 
 PARAMS = train_params()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREVIOUS_MODEL = b"the previous run's model"
 
 
@@ -215,7 +215,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
         "print('replicas', tf.distribute.MirroredStrategy().num_replicas_in_sync)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "replicas 2" in done.stdout
     assert (tmp_path / "model.keras").exists()

@@ -50,7 +50,7 @@ PARAMS = {
 }
 RAW = Path("data/raw")
 CACHE = Path("data/downloads")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- fixtures and builders -----------------------------------------------------------------

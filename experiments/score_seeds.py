@@ -1,6 +1,6 @@
-"""Score the runs of benchmarks/seeds.py with evaluate's own rule: mean and sd over seeds.
+"""Score the runs of experiments/seeds.py with evaluate's own rule: mean and sd over seeds.
 
-    python benchmarks/score_seeds.py runs/seeds [--params params.yaml] [--against benchmarks/seeds_committed.json]
+    python -m experiments.score_seeds runs/seeds [--params params.yaml] [--against benchmarks/seeds_committed.json]
 
 For each `seed<N>.npz`, the decision rule is chosen on validation exactly as `evaluate` does it
 (`evaluate.choose_decision`: flips as set in params, prior strength, melanoma threshold) and both
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 

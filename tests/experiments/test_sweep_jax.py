@@ -1,4 +1,4 @@
-"""benchmarks/sweep_jax.py: the on-line augmentation it trains with, its configs, val-only scoring."""
+"""experiments/sweep_jax.py: the on-line augmentation it trains with, its configs, val-only scoring."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import score_seeds
-from benchmarks.score_seeds import score_run
-from benchmarks.sweep_jax import Config, online_augment_layer
+from experiments import score_seeds
+from experiments.score_seeds import score_run
+from experiments.sweep_jax import Config, online_augment_layer
 from stages.evaluate import EvaluateParams
 from stages.lib.dataset import CLASSES
 from stages.train import Augmentation

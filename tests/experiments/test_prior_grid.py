@@ -1,11 +1,11 @@
-"""benchmarks/prior_grid.py: lesion-grouped halvings and the cross-validated score of a strength grid."""
+"""experiments/prior_grid.py: lesion-grouped halvings and the cross-validated score of a strength grid."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
-from benchmarks.prior_grid import lesion_halvings, score_run
+from experiments.prior_grid import lesion_halvings, score_run
 from stages.evaluate import EvaluateParams
 from stages.lib.dataset import CLASSES
 

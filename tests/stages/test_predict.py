@@ -23,7 +23,7 @@ from tests.conftest import make_shards
 from tests.fixtures import image_pixels, jpeg_bytes
 from tests.tiny_model import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Train one configuration with several seeds and keep each run's probabilities on val (and test).
 
-    python benchmarks/seeds.py --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...] [--test]
-    python benchmarks/seeds.py --seeds 1 2 --out runs/seeds --add-test
+    python -m experiments.seeds --seeds 1 2 --out runs/seeds [--set train.epochs=12 ...] [--test]
+    python -m experiments.seeds --seeds 1 2 --out runs/seeds --add-test
     (nested keys as dvc exp run -S takes them: --set train.augmentation.rotation_degrees=0)
 
 Why: one validation balanced accuracy has a standard error of about 0.03 and moves by several points
@@ -10,7 +10,7 @@ Each seed's model is trained by `stages.train.train` exactly as the pipeline doe
 data/augmented, the `train` section of params.yaml with the overrides given), then its class
 probabilities on val (and, with `--test`, on test), with and without test-time flips, are written
 to `<out>/seed<N>.npz` beside its model, training curves and wall time (`<out>/seed<N>.json`).
-Scoring is left to `benchmarks/score_seeds.py`, so that the decision rule can be changed without
+Scoring is left to `experiments/score_seeds.py`, so that the decision rule can be changed without
 retraining. `--test` is for the committed configuration only: a sweep never computes test.
 `--add-test` adds test to seeds trained without it, once their configuration is committed.
 """
@@ -20,11 +20,8 @@ import argparse
 import dataclasses
 import io
 import logging
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402

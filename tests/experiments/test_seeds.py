@@ -1,4 +1,4 @@
-"""benchmarks/seeds.py: adding test probabilities to seeds trained for validation only; saving them."""
+"""experiments/seeds.py: adding test probabilities to seeds trained for validation only; saving them."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks.seeds import add_test, save_probabilities
+from experiments.seeds import add_test, save_probabilities
 from stages.lib.inference import VIEWS, predict_proba
 from stages.lib.shards import read_shards
 from tests.tiny_model import tiny_model

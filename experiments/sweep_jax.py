@@ -1,6 +1,6 @@
 """Sweep depth, input size and epochs over several seeds on one GPU, with Keras 3 on JAX.
 
-    KERAS_BACKEND=jax python benchmarks/sweep_jax.py --out runs/sweep --seeds 1 2 3 \
+    KERAS_BACKEND=jax python -m experiments.sweep_jax --out runs/sweep --seeds 1 2 3 \
         --config all,128,15 --config all,192,8,augment.target_per_class=750 [--workers 6] [--deadline-min 8]
 
 A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS, optionally followed by augment.KEY=VALUE overrides of
@@ -13,8 +13,8 @@ augmentation is the pipeline's own code:
 - data: `stages.augment.main` renders data/split + data/raw/images for each config (params.yaml's
   `augment` section with `image_size` and the config's overrides replaced), as `dvc repro augment` would;
 - model, optimizer and schedule, class weights, per-epoch validation and the average of the last
-  epochs' weights: `stages.train`, from params.yaml's `train` section (`benchmarks/seeds.py`);
-- scoring: `benchmarks/score_seeds.py`, i.e. `evaluate`'s own decision rule chosen on validation.
+  epochs' weights: `stages.train`, from params.yaml's `train` section (`experiments/seeds.py`);
+- scoring: `experiments/score_seeds.py`, i.e. `evaluate`'s own decision rule chosen on validation.
 What differs, and why the committed recipe is re-run here as the baseline: `OnlineAugment` is
 `train.augment_batch`'s transform (same ranges, one affine resampling with mirrored margins, then
 contrast and brightness) written with keras.ops and keras.random, so its random draws differ from
@@ -40,13 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.score_seeds import mean_sd, score_run  # noqa: E402
-from benchmarks.seeds import parse_override, save_probabilities, train_params  # noqa: E402
+from experiments.score_seeds import mean_sd, score_run  # noqa: E402
+from experiments.seeds import parse_override, save_probabilities, train_params  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
 from stages.lib.files import atomic_write_json  # noqa: E402

@@ -2,7 +2,7 @@
 
 Run from the project root on a data/raw made by `dvc repro download` (read only; ~1 minute):
 
-    .venv/bin/python benchmarks/dedupe_proof.py [--raw data/raw] [--max-distance 10] [--sample 300]
+    python -m experiments.dedupe_proof [--raw data/raw] [--max-distance 10] [--sample 300]
 
 It prints, for the proof measure of stages/dedupe.py (the colour-fit residual: what the best
 per-channel linear colour change of one 64x64 RGB thumbnail leaves unexplained of the other) and,
@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import dedupe  # noqa: E402
 from stages.lib.images import MAX_IMAGE_PIXELS, image_file  # noqa: E402

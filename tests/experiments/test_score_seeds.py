@@ -1,7 +1,7 @@
-"""benchmarks/score_seeds.paired_differences: per-seed differences against another configuration."""
+"""experiments/score_seeds.paired_differences: per-seed differences against another configuration."""
 import pytest
 
-from benchmarks.score_seeds import paired_differences
+from experiments.score_seeds import paired_differences
 
 
 def run(val, plain, test=None):

@@ -2,7 +2,7 @@
 
 Run from the project root once a model is trained (a few minutes on one core):
 
-    .venv/bin/python benchmarks/int8_fidelity.py [--model models/model.keras] [--data data/augmented]
+    python -m experiments.int8_fidelity [--model models/model.keras] [--data data/augmented]
         [--calibration 200 1000 2000] [--debug-images 100] [--variants ...] [--json out.json]
 
 It prints one row per variant: top-1 agreement with the Keras model on the test split (both
@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

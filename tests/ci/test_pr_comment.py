@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / ".ci" / "pr_comment.py"
 LOCK_CHECK = ROOT / ".ci" / "lock_check.py"
 WORKFLOWS = ROOT / ".github" / "workflows"
