@@ -3,10 +3,14 @@
 Values are checked before any long work starts, and errors name the key
 (`train.epochs must be int, got 'two'`). Ranges are checked in each dataclass's __post_init__
 with `in_range`, whose ValueError `from_dict` turns into `<section>: <key> must be ...`.
+Two checks hold for every key, so no range check has to repeat them: a float must be finite
+(NaN passes every comparison, so it would pass every range), and params.yaml may not name a
+key twice in one mapping (YAML would silently keep the last). Faults: docs/faults.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -42,6 +46,8 @@ def in_range(name: str, value: float, lo: float | None = None, hi: float | None 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, float) and not math.isfinite(value):  # every float, at any depth
+        raise ParamError(f"{key} must be a finite number, got {value!r}")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -98,15 +104,53 @@ def from_dict(cls: type[T], data: Any, section: str) -> T:
         raise ParamError(f"{section}: {err}") from None
 
 
-def load_params(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
-    """Read one section of params.yaml as a checked dataclass."""
+def _duplicate_key(node: yaml.Node, where: str = "") -> str | None:
+    """The first key named twice in one mapping of the YAML tree, as `section.key (lines 3 and 9)`."""
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            name = f"{where}.{key}" if where else str(key)
+            if key is not None and key in lines:
+                return f"{name} (lines {lines[key]} and {key_node.start_mark.line + 1})"
+            if key is not None:
+                lines[key] = key_node.start_mark.line + 1
+            if found := _duplicate_key(value_node, name):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := _duplicate_key(item, f"{where}[{i}]"):
+                return found
+    return None
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml as a mapping; a missing file, bad YAML or a key named twice is a ParamError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        text = Path(path).read_text(encoding="utf-8")
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            duplicate = _duplicate_key(node) if node is not None else None
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ParamError(f"{path}: file not found (run from the project's root)") from None
     except yaml.YAMLError as err:
         raise ParamError(f"{path}: not valid YAML: {err}") from None
+    if duplicate:
+        raise ParamError(f"{path}: duplicate key {duplicate}; each key may appear once")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_params(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
+    """Read one section of params.yaml as a checked dataclass."""
+    data = read_params(path)
     if section not in data:
         raise ParamError(f"{path}: missing section '{section}'")
     return from_dict(cls, data[section], section)
