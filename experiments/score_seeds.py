@@ -1,6 +1,7 @@
 """Score the runs of experiments/seeds.py with evaluate's own rule: mean and sd over seeds.
 
-    python -m experiments.score_seeds runs/seeds [--params params.yaml] [--against benchmarks/seeds_committed.json]
+    python -m experiments.score_seeds runs/seeds [--params params.yaml]
+        [--against experiments/results/160px_10ep_zoom_0.1.amd.json]
 
 For each `seed<N>.npz`, the decision rule is chosen on validation exactly as `evaluate` does it
 (`evaluate.choose_decision`: flips as set in params, prior strength, melanoma threshold) and both
