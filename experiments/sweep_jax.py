@@ -51,7 +51,7 @@ from stages.lib.files import atomic_write_json  # noqa: E402
 from stages.lib.inference import VIEWS, predict_proba  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
 from stages.lib.shards import read_shards  # noqa: E402
-from stages.transforms import affine_about_centre, contrast_then_brightness  # noqa: E402
+from stages.train import affine_about_centre, contrast_then_brightness  # noqa: E402
 
 log = logging.getLogger("sweep")
 

@@ -1,24 +1,15 @@
-"""Stage `train`: fine-tune MobileNet V1 (ImageNet) on the augmented training shards.
+"""Stage `train`: fine-tune MobileNet V1 (ImageNet weights) on augment's training shards.
 
-Why it looks the way it does:
-- The model takes RGB pixels in [0, 255] at augment's image size and does its own scaling
-  (`Rescaling` to [-1, 1], as MobileNet was trained), so train, evaluate and predict cannot drift.
-- No epoch is "chosen": validation balanced accuracy jumps by several points from epoch to epoch
-  (df and vasc have 15-18 validation images), so picking the best epoch, or cutting the learning
-  rate on a plateau, follows noise. Instead the learning rate warms up linearly, then decays on a
-  cosine to `min_learning_rate`, and the saved model is the average of the weights of the last
-  `average_last_epochs` epochs (stochastic weight averaging; BatchNorm statistics are frozen, so the
-  average needs no re-estimation). Validation is scored every epoch for the curves only, and once
-  for the averaged model (metrics/train/metrics.json `eval`). The test split is never read here.
-- ImageNet weights come through Keras's own download cache (`~/.keras/models/`, or
-  `$KERAS_HOME/models/`), exactly as on a user's machine. The α=1.0 file trained at 224 px serves
-  every input size: convolution weights do not depend on it.
-- Every training image of every class gets the same on-line augmentation (`augmentation`: flips,
-  rotation, shift, zoom, brightness, contrast), fresh each epoch. augment's oversampled copies
-  are plain repeats, so a minority class is seen more often, not differently: nothing in the
-  pixels says "oversampled", which a model would otherwise learn as "not nv".
-- Seeded end to end with op determinism: same params, same CPU, same metrics. The on-line
-  transforms are stateless random functions of (seed, epoch, batch), so they are reproducible too.
+Reads data/augmented (train and val) and params.yaml's `train`; writes models/model.keras
+(atomically) and metrics/train/ (DVCLive: per-epoch curves; metrics.json holds the saved model's
+validation scores under `eval`). The test split is never read. The model takes RGB pixels 0..255
+at augment's image size and scales them itself, so train, evaluate and predict cannot drift. Every
+training image of every class gets one random transform per epoch (`augmentation`), a stateless
+function of (seed, epoch, batch). No epoch is picked: the learning rate warms up, then decays on a
+cosine, and the saved weights are the mean of the last `average_last_epochs` epochs. ImageNet
+weights come through Keras's download cache (~/.keras/models/, or $KERAS_HOME/models/).
+Invariant: seeded end to end with op determinism: same params and CPU, same weights.
+Why: one epoch's validation score is too noisy to choose on (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -27,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +27,51 @@ import numpy as np
 
 from stages.lib.cli import ParamError, StageError, run_stage
 from stages.lib.dataset import CLASSES
+from stages.lib.files import atomic_save_model
 from stages.lib.params import PARAMS_FILE, in_range, load_params
 from stages.lib.shards import read_index, read_shards
-from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 log = logging.getLogger("stages.train")
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# On-line augmentation: ranges and formulas (plain arithmetic: experiments/sweep_jax.py applies
+# them to keras.ops tensors, train to TensorFlow tensors, tests to numpy arrays)
+# --------------------------------------------------------------------------------------------
+def check_ranges(rotation_degrees: float, shift_fraction: float, zoom_fraction: float, brightness: float,
+                 contrast: float) -> None:
+    """Raise ValueError naming the first setting outside what the transforms can do."""
+    in_range("rotation_degrees", rotation_degrees, 0, 180)  # +-180 covers every angle
+    in_range("shift_fraction", shift_fraction, 0, 0.5)       # of the side: the centre stays in view
+    in_range("zoom_fraction", zoom_fraction, 0, 0.5, hi_open=True)  # scale 1 +- this stays > 0.5
+    in_range("brightness", brightness, 0, 0.9)               # multipliers stay > 0
+    in_range("contrast", contrast, 0, 0.9)
+
+
+def contrast_then_brightness(pixels, mean, contrast, brightness):
+    """Contrast about the image's mean grey level `mean` (keeps its colour balance), then brightness.
+
+    Plain arithmetic, so it applies alike to numpy arrays and to tensors (no clipping: the caller
+    clips to [0, 255] in its own library).
+    """
+    return ((pixels - mean) * contrast + mean) * brightness
+
+
+def affine_about_centre(cos, sin, flip_x, flip_y, centre_x, centre_y, shift_x, shift_y, aspect=1.0):
+    """(a0, a1, a2, b0, b1, b2): output pixel (x, y) samples the source at (a0 x + a1 y + a2, b0 x + b1 y + b2).
+
+    A = R(angle) diag(flip_x, flip_y) / zoom about the centre, then the shift; `cos` and `sin` are
+    the angle's, already divided by the zoom, and flips are +-1. `aspect` is the width / height of
+    the photo the image was resized from: the rotation is S R S^-1, with S = diag(1, aspect) the
+    resize up to scale, i.e. the photo's turn seen in the resized image (1: a plain turn of the
+    image: a turn near 90 degrees then swaps which axis augment's square resize squashed).
+    """
+    a0, a1, b0, b1 = cos * flip_x, -sin * flip_y / aspect, sin * aspect * flip_x, cos * flip_y
+    return (a0, a1, centre_x - a0 * centre_x - a1 * centre_y - shift_x,
+            b0, b1, centre_y - b0 * centre_x - b1 * centre_y - shift_y)
 
 
 @dataclass(frozen=True)
@@ -53,8 +80,8 @@ class Augmentation:
 
     Geometry is one affine resampling with mirrored margins (dermoscopy has no "up"); colour is
     a per-channel gain (another white balance: dermatoscopes and cameras differ), then contrast
-    about the image's mean grey level, then brightness. Ranges and colour formula are augment's
-    synthetic copies' own (stages/transforms.py), except the gain, which only train draws.
+    about the image's mean grey level, then brightness (`check_ranges`, `affine_about_centre`,
+    `contrast_then_brightness`).
     """
 
     flip: bool                    # random horizontal and vertical flips
@@ -95,7 +122,7 @@ class TrainParams:
     batch_size: int
     class_weight: Literal["balanced", "none"]
     augmentation: Augmentation
-    distribution: Literal["default", "mirrored", "multi_worker"]
+    distribution: Literal["default", "mirrored"]
 
     def __post_init__(self) -> None:
         if self.weights == "imagenet" and self.alpha not in IMAGENET_ALPHAS:
@@ -220,15 +247,11 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int = 1):
 
 
 def make_strategy(name: str):
-    """The tf.distribute strategy: one device, all local GPUs, or several machines (TF_CONFIG)."""
+    """The tf.distribute strategy: one device (default) or all local GPUs (mirrored; docs/scaling.md)."""
     import tensorflow as tf
 
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ParamError("train.distribution: multi_worker needs the TF_CONFIG environment variable")
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
 
@@ -333,18 +356,14 @@ def training_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     )
 
 
-def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean recall over the classes present in `labels` (the ISIC 2018 ranking metric)."""
-    recalls = [np.mean(predicted[labels == k] == k) for k in np.unique(labels)]
-    return float(np.mean(recalls))
-
-
 def validation_scores(model, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, float]:
     """Balanced accuracy, accuracy and loss of `model` on validation (plain, no test-time flips)."""
+    from sklearn.metrics import balanced_accuracy_score
+
     proba = model.predict(images, batch_size=batch_size, verbose=0)
     predicted = proba.argmax(axis=1)
     return {
-        "val_balanced_accuracy": balanced_accuracy(labels, predicted),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "val_accuracy": float(np.mean(predicted == labels)),
         "val_loss": float(-np.mean(np.log(np.clip(proba[np.arange(len(proba)), labels], 1e-7, 1)))),
     }
@@ -422,19 +441,6 @@ def stop_on_ctrl_c(model):
         signal.signal(signal.SIGINT, previous)
 
 
-def save_model(model, path: Path) -> None:
-    """Save atomically: an interrupted save never leaves a half-written model at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path) -> dict:
     """Train, average the last epochs' weights, save the model; returns its validation summary."""
     import keras
@@ -474,7 +480,7 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
                    "val_balanced_accuracy": final["val_balanced_accuracy"]}
         live.summary.update(summary)
         live.summary["eval"] = {name.removeprefix("val_"): value for name, value in final.items()}
-    save_model(model, model_path)
+    atomic_save_model(model, model_path)
     log.info("saved %s (weights averaged over epochs %d-%d, val balanced accuracy %.4f)", model_path,
              *summary["averaged_epochs"], summary["val_balanced_accuracy"])
     return summary

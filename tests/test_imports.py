@@ -24,7 +24,6 @@ SHARED_MAY_IMPORT = {
     "stages/lib/images.py": set(),
     "stages/lib/progress.py": set(),
     "stages/lib/shards.py": {"stages/lib/files.py"},  # index.json is read by the one JSON reader
-    "stages/transforms.py": {"stages/lib/params.py"},  # ranges are checked with the one range check
 }
 
 

@@ -1,10 +1,9 @@
 """The small shared modules: the one range check, the one JSON reader, the one CPU count, the copy
-ids and shard format, the transform ranges, geometry and colour formula shared by augment and train."""
+ids and shard format."""
 from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from stages.lib.files import read_json
 from stages.lib.params import in_range
 from stages.lib.progress import usable_cpus
 from stages.lib.shards import copy_id, is_copy, read_shards, write_shards
-from stages.transforms import affine_about_centre, check_ranges, contrast_then_brightness
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
@@ -55,23 +53,6 @@ def test_usable_cpus_is_the_affinity_mask():
 def test_copy_ids_name_their_source_and_are_told_from_real_ids():
     assert copy_id("ISIC_0024306", 3) == "ISIC_0024306+aug3"
     assert is_copy(copy_id("ISIC_0024306", 0)) and not is_copy("ISIC_0024306")
-
-
-@pytest.mark.parametrize("key,value,message", [
-    ("rotation_degrees", 181, "rotation_degrees must be in [0, 180], got 181"),
-    ("zoom_fraction", 0.5, "zoom_fraction must be in [0, 0.5), got 0.5"),
-    ("brightness", -0.1, "brightness must be in [0, 0.9], got -0.1"),
-])
-def test_transform_ranges_name_the_setting(key, value, message):
-    ranges = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0.1)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        check_ranges(**{**ranges, key: value})
-
-
-def test_colour_change_keeps_the_mean_under_contrast_and_scales_it_by_brightness():
-    pixels = np.array([50.0, 100.0, 150.0])
-    assert contrast_then_brightness(pixels, 100.0, 2.0, 1.0).tolist() == [0.0, 100.0, 200.0]
-    assert contrast_then_brightness(pixels, 100.0, 1.0, 0.5).tolist() == [25.0, 50.0, 75.0]
 
 
 def write_split(folder, images, shard_images):
@@ -122,28 +103,3 @@ def test_shards_pointing_past_their_images_are_refused(tmp_path):
         np.savez(f, **arrays)
     with pytest.raises(StageError, match="point past its 4 stored images.*dvc repro augment"):
         read_shards(tmp_path, "train")
-
-
-def test_affine_about_centre_turns_the_photo_inside_the_square():
-    """With the photo's aspect, a turn keeps distances measured on the photo (not on the square)."""
-    square_to_photo = np.diag([1, 3 / 4])  # a 4:3 photo squashed to a square: y was stretched by 4/3
-    offsets = np.random.default_rng(0).normal(size=(2, 50))
-
-    def photo_lengths(aspect):
-        a0, a1, _, b0, b1, _ = affine_about_centre(np.cos(0.7), np.sin(0.7), 1, 1, 0, 0, 0, 0, aspect)
-        return np.linalg.norm(square_to_photo @ np.array([[a0, a1], [b0, b1]]) @ offsets, axis=0)
-
-    before = np.linalg.norm(square_to_photo @ offsets, axis=0)
-    np.testing.assert_allclose(photo_lengths(4 / 3), before)
-    assert not np.allclose(photo_lengths(1.0), before, rtol=0.01)
-
-
-def test_affine_about_centre_turns_about_the_centre_then_shifts():
-    angle, zoom, centre = np.pi / 2, 2.0, 10.0
-    a0, a1, a2, b0, b1, b2 = affine_about_centre(np.cos(angle) / zoom, np.sin(angle) / zoom, -1, 1,
-                                                 centre, centre, 3.0, 0.0)
-    def source(x, y):
-        return a0 * x + a1 * y + a2, b0 * x + b1 * y + b2
-    np.testing.assert_allclose(source(centre, centre), (centre - 3, centre), atol=1e-12)  # centre: shifted only
-    # one pixel right of the centre: flipped (-1), turned a quarter, halved by the zoom
-    np.testing.assert_allclose(source(centre + 1, centre), (centre - 3, centre - 0.5), atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from stages import train
 from stages.lib.cli import ParamError, StageError
 from stages.lib.dataset import CLASSES
+from stages.lib.files import atomic_save_model
 from stages.lib.params import from_dict, load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
@@ -170,7 +172,9 @@ def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkey
     ({"augmentation": {**TINY_TRAIN["augmentation"], "rotation_degrees": 270}}, "rotation_degrees must be in"),
     ({"augmentation": {**TINY_TRAIN["augmentation"], "white_balance": 1.0}}, "white_balance must be in"),
     ({"augmentation": {**TINY_TRAIN["augmentation"], "hue": 0.1}}, "unknown key train.augmentation.hue"),
-], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout", "rotation", "white-balance", "augmentation-key"])
+    ({"distribution": "multi_worker"}, "train.distribution must be one of"),  # retired: fails with Keras 3
+], ids=["unknown-key", "wrong-type", "alpha", "optimizer", "dropout", "rotation", "white-balance", "augmentation-key",
+        "multi-worker"])
 def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, **change})
     with pytest.raises(ParamError, match=message):
@@ -197,6 +201,7 @@ def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path):
     assert (tmp_path / "a" / "model.keras").exists()
     assert (tmp_path / "a" / "live" / "plots" / "metrics" / "eval" / "balanced_accuracy.tsv").exists()
     assert not list((tmp_path / "a").glob(".model*")), "no temporary model left behind"
+    assert (tmp_path / "a" / "model.keras").stat().st_mode & 0o777 == 0o644, "an ordinary file, like every output"
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
@@ -250,7 +255,7 @@ def test_interrupted_save_keeps_the_previous_model(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.save_model(SaveInterrupted(), model_path)
+        atomic_save_model(SaveInterrupted(), model_path)
     assert model_path.read_bytes() == PREVIOUS_MODEL
     assert [p.name for p in model_path.parent.iterdir()] == ["model.keras"], "no temporary model left"
 
@@ -478,3 +483,46 @@ def test_augmentation_is_seeded_and_fresh_each_epoch():
     np.testing.assert_array_equal(first[1], second[1])
     assert not np.array_equal(first[0], first[1])        # a new epoch: new transforms
     assert not np.array_equal(first[0], epochs_of(dataset(4), 1)[0])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rotation_degrees", 181, "rotation_degrees must be in [0, 180], got 181"),
+    ("zoom_fraction", 0.5, "zoom_fraction must be in [0, 0.5), got 0.5"),
+    ("brightness", -0.1, "brightness must be in [0, 0.9], got -0.1"),
+])
+def test_transform_ranges_name_the_setting(key, value, message):
+    ranges = dict.fromkeys(["rotation_degrees", "shift_fraction", "zoom_fraction", "brightness", "contrast"], 0.1)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.check_ranges(**{**ranges, key: value})
+
+
+def test_colour_change_keeps_the_mean_under_contrast_and_scales_it_by_brightness():
+    pixels = np.array([50.0, 100.0, 150.0])
+    assert train.contrast_then_brightness(pixels, 100.0, 2.0, 1.0).tolist() == [0.0, 100.0, 200.0]
+    assert train.contrast_then_brightness(pixels, 100.0, 1.0, 0.5).tolist() == [25.0, 50.0, 75.0]
+
+
+def test_affine_about_centre_turns_the_photo_inside_the_square():
+    """With the photo's aspect, a turn keeps distances measured on the photo (not on the square)."""
+    square_to_photo = np.diag([1, 3 / 4])  # a 4:3 photo squashed to a square: y was stretched by 4/3
+    offsets = np.random.default_rng(0).normal(size=(2, 50))
+
+    def photo_lengths(aspect):
+        a0, a1, _, b0, b1, _ = train.affine_about_centre(np.cos(0.7), np.sin(0.7), 1, 1, 0, 0, 0, 0, aspect)
+        return np.linalg.norm(square_to_photo @ np.array([[a0, a1], [b0, b1]]) @ offsets, axis=0)
+
+    before = np.linalg.norm(square_to_photo @ offsets, axis=0)
+    np.testing.assert_allclose(photo_lengths(4 / 3), before)
+    assert not np.allclose(photo_lengths(1.0), before, rtol=0.01)
+
+
+def test_affine_about_centre_turns_about_the_centre_then_shifts():
+    angle, zoom, centre = np.pi / 2, 2.0, 10.0
+    a0, a1, a2, b0, b1, b2 = train.affine_about_centre(np.cos(angle) / zoom, np.sin(angle) / zoom, -1, 1,
+                                                       centre, centre, 3.0, 0.0)
+
+    def source(x, y):
+        return a0 * x + a1 * y + a2, b0 * x + b1 * y + b2
+    np.testing.assert_allclose(source(centre, centre), (centre - 3, centre), atol=1e-12)  # centre: shifted only
+    # one pixel right of the centre: flipped (-1), turned a quarter, halved by the zoom
+    np.testing.assert_allclose(source(centre + 1, centre), (centre - 3, centre - 0.5), atol=1e-12)
