@@ -19,7 +19,7 @@ for comparison, the old measure (mean |difference| of 64x64 greyscale thumbnails
    colour (white balance, brightness, contrast, gamma, saturation) and re-encoded at JPEG
    quality 75, against the original.
 
-Nothing is written; the figures go into stages/dedupe.py's docstring and the README.
+Nothing is written; the figures are recorded in docs/dedupe.md.
 """
 from __future__ import annotations
 

@@ -1,77 +1,14 @@
 """Stage dedupe: data/raw -> data/clean, one row per usable, unique image, each in a lesion group.
 
-Why: HAM10000 holds several images per lesion, a few byte-identical copies and some re-encoded
-ones. If copies of one image (or images of one lesion) land in train and test, test scores
-measure memory, not skill. This stage finds them and ties them into `lesion_group`s; split keeps
-each group whole. Nothing is dropped silently: every row that does not make it is listed.
-
-Rules, in the order they apply (a row is listed under the first rule that removes it):
-
-  metadata file   missing required column          -> error naming the file and the column
-                  BOM, Windows line endings        -> read fine (utf-8-sig)
-                  extra columns                    -> ignored (not written to images.csv)
-                  spaces around values             -> stripped
-  rows            empty image_id or lesion_id      -> excluded "missing id"
-                  image_id twice, rows identical   -> one kept; the others listed "duplicate row"
-                  image_id twice, rows differ      -> all excluded "conflicting rows"
-                  dx not one of classes.CLASSES    -> excluded "unknown dx" (the value is listed)
-                  lesion with two diagnoses        -> all its images excluded
-                  age empty or not a number        -> kept, age NaN, counted (age_missing)
-                  sex not male/female              -> kept, counted (sex_unknown)
-  files           row without images/<id>.jpg      -> excluded "no image file"
-                  images/*.jpg without a row       -> excluded "no metadata row"
-                  file that does not decode        -> excluded "unreadable image" + why (empty,
-                  (images.open_rgb)                   truncated, not an image, decompression bomb)
-                  greyscale, CMYK, palette         -> kept (the loader converts), counted
-  duplicates      same bytes (sha256)              -> the first by image_id kept, the others
-                                                      removed and listed in duplicates.csv (exact)
-                  same bytes, different dx         -> all copies excluded "same image, different dx"
-                  near duplicate (see below)       -> both kept, listed in duplicates.csv (near);
-                                                      with different dx both are excluded
-                  copies across lesion ids         -> the lesions are merged into one lesion_group
-  outcome         nothing left, or a class empty   -> error
-
-Outputs (data/clean/): images.csv (IMAGE_COLUMNS, sorted by image_id); excluded.csv with one line
-per removed row or orphan file, the reason being "rule: detail" (a "duplicate row" line's image
-is kept, from its other row); duplicates.csv (image_id, duplicate_of, kind, evidence); report.json.
-
-Near duplicates need proof, because perceptual hashes of different dermoscopic images collide
-often (they share their low-frequency structure). A pair is a *candidate* when the DCT pHash of
-one image is within `phash_max_distance` bits of the pHash of the other or of any of its 7
-flips/rotations (those hashes come exactly from the same DCT coefficients, so they cost little).
-pHash only proposes; the pixels decide. HAM10000 holds the same photograph under two lesion ids
-with different colour processing (white balance, brightness, contrast), so the proof must not
-depend on global colour: it is the *colour-fit residual* of the two 64x64 RGB thumbnails (the
-second flipped/rotated as its hash matched). Per channel, the best least-squares fit
-`first ~ gain * second + offset` (gain > 0) leaves a residual; its RMS as a share of the first's
-spread is sqrt(1 - r^2), r the channel's correlation; the residual is the mean over R, G, B (0 for
-the same picture under any per-channel linear colour change, about 0.7 for unrelated images). A
-pair is a near duplicate when it is at most `max_colour_fit_residual`. duplicates.csv's evidence
-names the measure, its value, the threshold, the pHash distance and the flip/rotation.
-
-Measured on the HAM10000 mirror (8,584 images; experiments/dedupe_proof.py; 68,968 candidate pairs
-within 10 bits, wider than the stage's 6):
-- byte-identical pairs: 0.000-0.004;
-- the same photograph re-processed: ISIC_0025226 / ISIC_0030074 (two lesion ids; grey mean
-  difference 4.3, which the old proof, mean |grey difference| <= 2.0, missed) 0.089;
-  ISIC_0027398 / ISIC_0032407 (one lesion; grey mean difference 31.3) 0.092; the 47 same-lesion
-  pairs under the threshold are 0.027 and up (a few are consecutive shots, which is harmless:
-  they are one lesion anyway);
-- different lesions (68,757 pairs): min 0.204 (ISIC_0033439 / ISIC_0033922, both in a dark
-  dermatoscope vignette, pHash 8 bits), 0.1% 0.307, 1% 0.373, median 0.673; within the stage's
-  6 bits the nearest is 0.253;
-- real images changed in colour and re-encoded at JPEG quality 75 (300 images each; 99th
-  percentile): JPEG only 0.057, contrast x1.3 / x0.7 0.094 / 0.130, gamma 0.8 / 1.25 0.092 /
-  0.081, brightness -25 / +15 0.071 / 0.122, white balance x0.9/1/1.1 0.077, a mix of white
-  balance, gamma and contrast 0.123;
-- an exhaustive search (all 36.8 million upright pairs at 16x16, re-measured at 64x64) finds no
-  copy under the threshold that pHash did not propose.
-The default, 0.14, lies about 1.5x above the re-processed copies and 1.5x below the nearest
-different lesions. Its limit: a change that saturates much of a channel (brightness x1.1 or
-+25, white balance x1.1-x1.15 on the red of bright skin) destroys what the fit needs: 3-9% of
-such copies (99th percentile 0.17-0.26) measure over 0.14 and stay apart, as do copies
-desaturated by 30% in 2% of cases. A flat channel (spread under 1 level) proves nothing, so
-uniform images are never near duplicates.
+Reads data/raw/HAM10000_metadata.csv and data/raw/images/; writes data/clean/images.csv (sorted by
+image_id, with lesion_group), excluded.csv (every removed row or orphan file: "rule: detail"),
+duplicates.csv (image_id, duplicate_of, kind, evidence) and report.json (counts).
+Byte-identical copies (sha256) are removed; near duplicates are kept and, across lesion ids, merge
+their lesions into one lesion_group. A pHash match only proposes a near duplicate: the pixels must
+prove it (the colour-fit residual of 64x64 RGB thumbnails <= `dedupe.max_colour_fit_residual`).
+Invariant: no row leaves silently, and copies of one image always share a lesion_group.
+Why: copies in train and test would make test scores measure memory; split keeps groups whole.
+The rule table, the proof and its measurements: docs/dedupe.md.
 """
 from __future__ import annotations
 

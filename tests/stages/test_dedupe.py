@@ -1,4 +1,4 @@
-"""Stage dedupe: every rule of the module docstring, on tiny synthetic releases."""
+"""Stage dedupe: every rule of docs/dedupe.md, on tiny synthetic releases."""
 from __future__ import annotations
 
 import json
