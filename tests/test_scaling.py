@@ -6,19 +6,26 @@ That is enough to check, in seconds, what the project relies on to grow past one
 - a DVC remote (here a local folder) carries outputs to another cache and back, byte for byte;
 - `dvc exp run --queue` + `dvc queue start -j 2` runs a parameter sweep with two workers;
 - `dvc exp push` shares an experiment through a git remote, and `dvc exp pull` brings it back.
+It also checks that the doc's `train.distribution` table lists exactly the values train accepts.
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
+
+from stages.train import TrainParams
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
@@ -142,3 +149,12 @@ def test_exp_push_shares_experiment_and_its_outputs(project, tmp_path):
     dvc(clone, "exp", "apply", "x4")
     dvc(clone, "checkout")
     assert (clone / "out" / "value.txt").read_text() == "16\n"
+
+
+def test_the_documented_strategies_are_exactly_those_train_accepts():
+    """docs/scaling.md's `train.distribution` table: every value train accepts, and no retired one."""
+    doc = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    section = doc.split("## Training on more devices: `train.distribution`", 1)[1].split("**Batch size", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    accepted = typing.get_args(typing.get_type_hints(TrainParams)["distribution"])
+    assert documented == list(accepted) == ["default", "mirrored"]
