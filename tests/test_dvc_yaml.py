@@ -8,14 +8,21 @@
   and a chance line; no plot is drawn twice.
 - `artifacts:` names the Keras and TFLite models, and `dvc artifacts get` fetches one from a
   repository's remote.
+- Each stage's `params:` lists, key by key, exactly the params.yaml keys its code reads (derived
+  from its `load_params` / `from_dict` calls), less RESULT_NEUTRAL: keys that change no output, so
+  that changing one re-runs nothing.
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
 import io
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +77,97 @@ def test_subgroups_and_data_counts_are_plain_outputs_not_metrics():
     assert not any("subgroups" in path for path in declared_metrics())
     summary = json.loads((ROOT / "metrics" / "report" / "summary.json").read_text(encoding="utf-8"))
     assert "subgroups" not in summary
+
+
+# --------------------------------------------------------------------------------------------
+# Params: key by key, only those that change a result
+# --------------------------------------------------------------------------------------------
+# Keys a stage reads but that change none of its outputs: changing one must not re-run the stage.
+RESULT_NEUTRAL = {
+    "download.retries": "how often a transient error is retried: the same files arrive",
+    "download.timeout_s": "how long a request may take: the same files arrive",
+    "download.local_dir": "where the same release is taken from (like HAM10000_MIRROR)",
+    "download.sha256": "pins check the files, never change them",
+    "download.max_entry_bytes": "a zip-bomb guard: accepts or refuses an archive, never changes it",
+    "download.max_total_bytes": "a zip-bomb guard",
+    "download.max_compression_ratio": "a zip-bomb guard",
+    "evaluate.batch_size": "images per inference call: the same probabilities",
+    "export.batch_size": "images per inference call: the same agreement and accuracy",
+    "export.latency_runs": "timed runs of the speed measurement, which no rerun reproduces anyway",
+}
+
+
+def leaf_keys(cls: type, prefix: str) -> set[str]:
+    """`prefix.field` for each field of dataclass `cls`, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        keys |= leaf_keys(tp, f"{prefix}.{field.name}") if dataclasses.is_dataclass(tp) else {f"{prefix}.{field.name}"}
+    return keys
+
+
+def keys_read(stage: dict) -> set[str]:
+    """Every params key the stage's module reads: its `load_params("section", Cls, ...)` and
+    `from_dict(Cls, ..., "section")` calls, with Cls's fields (nested ones flattened)."""
+    name = stage["cmd"].split()[2]
+    module = importlib.import_module(name)
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    keys = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+            continue
+        if node.func.id == "load_params":
+            section, cls = node.args[0], node.args[1]
+        elif node.func.id == "from_dict" and len(node.args) == 3:
+            cls, section = node.args[0], node.args[2]
+        else:
+            continue
+        assert isinstance(section, ast.Constant) and isinstance(cls, ast.Name), f"{name}: {ast.unparse(node)}"
+        keys |= leaf_keys(getattr(module, cls.id), section.value)
+    return keys
+
+
+def expand(declared: list[str], known: set[str]) -> set[str]:
+    """The leaf keys that dvc.yaml's entries name: `train.augmentation` stands for each of its keys."""
+    leaves = set()
+    for entry in declared:
+        covered = {k for k in known if k == entry or k.startswith(f"{entry}.")}
+        assert covered, f"dvc.yaml declares {entry!r}, which the stage does not read"
+        leaves |= covered
+    return leaves
+
+
+@pytest.mark.parametrize("name", sorted(DVC_YAML["stages"]))
+def test_params_are_the_keys_the_stage_reads_less_the_result_neutral_ones(name):
+    stage = DVC_YAML["stages"][name]
+    read = keys_read(stage)
+    assert read, f"{name} reads no params?"
+    declared = stage.get("params", [])
+    assert all(isinstance(entry, str) for entry in declared), f"{name}: params are plain keys of params.yaml"
+    sections = {key.split(".")[0] for key in read}
+    whole = [entry for entry in declared if entry in sections]
+    assert not whole, f"{name} lists whole section(s) {whole}: list the keys that change its result"
+    expected = read - set(RESULT_NEUTRAL)
+    listed = expand(declared, read)
+    assert listed == expected, (f"dvc.yaml stage {name}: missing {sorted(expected - listed)}; "
+                                f"result-neutral (see RESULT_NEUTRAL) {sorted(listed - expected)}")
+
+
+def test_result_neutral_keys_are_keys_some_stage_reads():
+    read = set().union(*(keys_read(stage) for stage in DVC_YAML["stages"].values()))
+    assert set(RESULT_NEUTRAL) <= read, f"stale entries: {sorted(set(RESULT_NEUTRAL) - read)}"
+
+
+def test_declared_params_exist_in_params_yaml():
+    """DVC refuses to run a stage whose declared key is missing from params.yaml."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for name, stage in DVC_YAML["stages"].items():
+        for key in stage.get("params", []):
+            value = params
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"{name}: {key} is not in params.yaml"
+                value = value[part]
 
 
 # --------------------------------------------------------------------------------------------
