@@ -1,18 +1,17 @@
 """Cost of a training epoch by trainable depth and input size, and what a frozen-feature cache would save.
 
     python -m benchmarks.epoch_cost [--sizes 128 160 192] [--depths conv_dw_11 conv_dw_6 all] [--out FILE]
-        [--batch-sizes 16 32 64] [--batchnorm frozen trained]
+        [--batch-sizes 16 32 64] [--batchnorm frozen trained] [--policy mixed_bfloat16]
 
-Why: the recipe (depth, input size, epochs) must fit 45 minutes on 2 CPU cores, so its cost is
-measured, not guessed. For each (depth, size, batch size, BatchNorm mode) it times `train_on_batch`
-(after warm-up) and the forward pass of the frozen layers alone; an epoch is the steps that 11,542
-training rows take at that batch size. With BatchNorm frozen and no dropout in
-the body, the frozen layers are a fixed function of their input: a cache of their outputs would
-save at most that forward time per step (less with on-line augmentation, which changes the input
-every epoch). `cache_speedup` = step / (step - frozen forward) is that upper bound.
-`--policy mixed_bfloat16` times the same steps with bfloat16 compute (a question for CPUs with
-AVX512_BF16, whether a larger input would fit the budget; the pipeline itself trains in float32).
-Run it alone on the machine: other work on the cores inflates every figure.
+For each (depth, size, batch size, BatchNorm mode) it times `train_on_batch` after warm-up and the
+forward pass of the frozen layers alone; an epoch is the steps that 11,542 training rows take.
+`cache_speedup` = step / (step - frozen forward): the most a cache of the frozen layers' outputs
+could save (with BatchNorm frozen and no dropout in them they are a fixed function of the input;
+on-line augmentation changes that input every epoch, so less). `--policy mixed_bfloat16` times
+bfloat16 compute (the pipeline itself trains in float32).
+Invariant: only timing; nothing of the project's data/, models/ or metrics/ is written.
+Why: the recipe must fit 45 minutes on 2 CPU cores, so its cost is measured, not guessed.
+Run it alone (other work inflates every figure). Results: docs/experiments.md ("Cost of an epoch").
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """Stage split: data/clean -> data/split/{train,val,test}.csv + classes.json, and metrics/data.json.
 
-Why by lesion group: images of one lesion (and copies that dedupe tied across lesions) look
-alike; if they were in train and test, test scores would measure memory. So whole lesion groups
-are assigned, per class (stratified), each class's groups in a seeded shuffle, largest first,
-each to the split furthest below its target share of that class's images. The fractions in
-params are the targets for every class; as most groups hold one or two images, the shares of
-lesion groups land close to them too. Every class must reach every split.
+Assigns whole lesion groups (dedupe's `lesion_group`) to train / val / test, class by class: each
+class's groups in a seeded shuffle, largest first, each to the split furthest below its target
+share of that class's images (`split.train`, `split.val`, `split.test`, summing to 1). As most
+groups hold one or two images, the shares of lesion groups land close to the targets too.
+metrics/data.json: dedupe's counts, and per split its images, lesions and groups per class.
+Invariant: no lesion group is in two splits, and every class is in every split (else an error
+naming the class and its groups).
+Why: images of one lesion look alike; in train and test, test scores would measure memory.
+How the groups are made: docs/dedupe.md; bad input: docs/faults.md.
 """
 from __future__ import annotations
 

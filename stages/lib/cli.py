@@ -1,16 +1,14 @@
 """Running a stage: one command-line shape for every stage, and one way to report its errors.
 
-`run_stage(main)` builds the stage's command line from main()'s keyword parameters, so every
-stage takes its inputs, outputs and params file the same way, with the defaults dvc.yaml uses:
-
-    params_path            -> --params FILE      (params.yaml)
-    <what>_dir             -> --<what>-dir DIR   (a folder read or written)
-    <what>_path            -> --<what>-path FILE (a file read or written)
-    workers                -> --workers N        (default: the usable CPUs)
-
-`python -m stages.<name> --help` prints this usage and exits 0 before anything is read, written
-or imported beyond the stage's own module (TensorFlow is imported inside the functions that
-need it).
+`run_stage(main)` builds the command line from main()'s keyword parameters, with the defaults
+dvc.yaml uses: `params_path` -> --params FILE, `<what>_dir` -> --<what>-dir DIR, `<what>_path` ->
+--<what>-path FILE, `workers` -> --workers N (default: the usable CPUs). `command_parser` is the
+same start for commands that are not stages (predict, serve).
+A StageError (ParamError for params.yaml) ends the run with one line, `error: <message>`, and
+exit 1; Ctrl-C exits 130; either way outputs stay as they were before the run.
+Invariant: `python -m stages.<name> --help` prints usage and exits 0 before anything is read,
+written or imported beyond the stage's module (TensorFlow is imported inside the functions).
+Why: every stage is run, tested and scripted the same way. Endings and messages: docs/faults.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
-"""The dataset's contract: the seven classes in the one order every stage, file and the model's
-output use (codes alphabetical by `dx`, as in the ISIC 2018 task 3 ground truth), the three splits,
-and the columns every split CSV holds.
+"""The dataset's contract: class order, class names, splits and the columns of every split CSV.
+
+CLASSES: the seven `dx` codes in the one order every stage, file and the model's output use
+(alphabetical, as in the ISIC 2018 task 3 ground truth: akiec, bcc, bkl, df, mel, nv, vasc);
+CLASS_NAMES: their names; LABELS: dx -> code; MELANOMA: mel's code; SPLITS: train, val, test;
+SPLIT_COLUMNS: the columns of data/split/*.csv; `class_mapping()`: data/split/classes.json.
+Invariant: a class's code is the same in data/split, the shards, the model's output and metrics/.
+Why: one definition, so no stage can disagree about which output is melanoma. Table: README.md.
 """
 from __future__ import annotations
 

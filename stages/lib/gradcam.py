@@ -1,12 +1,15 @@
 """Grad-CAM for the `report` stage: where the model saw evidence, as one contact sheet per class.
 
-For a seeded sample of test images (up to N correctly and N wrongly classified per true class),
-the heatmap of the *predicted* class is blended over the image; each true class gets one PNG,
-`gradcam/<dx>.png`: a row of correctly classified images and a row of wrongly classified ones,
-every cell the image beside its overlay, captioned with the image id, the prediction and its
-probability. Seven images in all, however large N is, so the plots page stays readable.
-
-TensorFlow is imported only inside `gradcam`, the one function that needs it.
+For a seeded sample of test images (up to `report.gradcam_per_class` correctly and as many wrongly
+classified per true class), the heatmap of the *predicted* class at MobileNet's last convolution
+is blended over the image. Each true class gets one PNG, metrics/report/gradcam/<dx>.png: a row of
+correct and a row of wrong cells, each the image beside its overlay, captioned with the image id,
+the prediction and its probability.
+Invariant: each (class, outcome) cell draws with its own seed from sorted image ids, so a change
+in one class's predictions leaves the other sheets' images as they were; memory is bounded by
+GRADCAM_BATCH whatever the sample size; TensorFlow is imported only inside `gradcam`.
+Why: the model card shows what the model looks at, not only how often it is right.
+The sheets: metrics/report/model_card.md; `dvc plots show` draws them.
 """
 from __future__ import annotations
 

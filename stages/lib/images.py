@@ -1,7 +1,14 @@
-"""Images: one function from a file to model input, used by augment (training data) and predict,
-so the model always sees the same preprocessing; dedupe decodes with the same `open_rgb`.
+"""Image decoding: the one path from an image file to model input.
 
-MAX_IMAGE_PIXELS is the one pixel limit: every decoder in the project refuses larger images.
+`load_image(path, size)` -> uint8 array (size, size, 3): `open_rgb` decodes the whole file into
+upright 8-bit RGB (EXIF orientation applied, 16-bit scaled to 8 bits, transparency composited on
+white, greyscale, CMYK and palette converted), then `resize_square` resizes the whole field of
+view to a square (no crop). augment and predict call it; dedupe decodes with the same `open_rgb`.
+A file that is not a usable image raises ImageError naming the file and why (empty, truncated,
+not an image, over MAX_IMAGE_PIXELS: the one pixel limit, against decompression bombs).
+Invariant: a file gives the same pixels in training and in prediction.
+Why: a second decoder would drift (orientation, bit depth) and the model would see other pixels.
+Every rule and the test that proves it: docs/faults.md ("Data").
 """
 from __future__ import annotations
 

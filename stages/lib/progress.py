@@ -1,18 +1,16 @@
-"""Progress of a long loop: a bar with an ETA in a terminal, one log line per step in logs.
+"""Progress of a long loop: a bar with the time left in a terminal, a few log lines otherwise.
 
     for image in track(images, total=len(images), what="augment train", unit="images", logger=log):
         ...
-
     with Progress(total=len(test), what="int8 on test", unit="images", logger=log) as bar:
-        for batch in batches:
-            ...
-            bar.update(len(batch))
+        bar.update(len(batch))
 
-Where the output goes to a terminal (stderr is a TTY), tqdm draws a bar with the rate and the
-time left. Otherwise (`dvc repro` piped to a file, CI logs) the work is cut into `steps` equal
-steps (10 by default) and each finished step is one log line with the count, the share done,
-the elapsed time and the estimated time left: a log is readable and not flooded. The
-environment variable STAGES_PROGRESS=bar|log|off forces one way (off: nothing).
+On a terminal (stderr is a TTY) tqdm draws a bar with the rate and the time left. Otherwise
+(`dvc repro` piped to a file, CI logs) the work is cut into `steps` equal steps (10 by default),
+each one log line: count, share done, time elapsed and left. STAGES_PROGRESS=bar|log|off forces
+one (off: nothing). `usable_cpus()`: the CPUs this process may run on (default --workers).
+Invariant: it writes to stderr or the stage's logger only, never changing what a stage computes.
+Why: a 40-minute run must say where it is without flooding a log. Log format: docs/faults.md.
 """
 from __future__ import annotations
 

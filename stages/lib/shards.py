@@ -2,12 +2,13 @@
 
 data/augmented/ holds index.json ({"image_size", "seed", "splits": {split: {"images", "shards",
 ...}}}) and, per split, uncompressed .npz shards. A split is a list of rows (label, image_id,
-pixels). Rows with the same pixels (augment's repeated copies: half of train's rows) share one
-stored image, so each shard holds its rows' `labels`, `image_ids` and `stored` (the index of each
-row's image among the split's stored images) and `images`: the stored images (uint8 NHWC) whose
-first row falls in the shard. `read_shards` gives every row its pixels back.
-Readers of shards never decode an image file. An image_id is a real image's id, or, for one of
-augment's oversampled copies, its source's id + "+aug<k>" (`copy_id`, `is_copy`).
+pixels). Rows with the same pixels (augment's repeated copies) share one stored image, so each
+shard holds its rows' `labels`, `image_ids` and `stored` (the index of each row's image among the
+split's stored images) and `images`: the stored images (uint8 NHWC) whose first row falls in the
+shard. `read_shards` gives every row its pixels back. An image_id is a real image's id, or, for
+one of augment's oversampled copies, its source's id + "+aug<k>" (`copy_id`, `is_copy`).
+Invariant: readers never decode an image file; a damaged shard or index is an error naming it.
+Why: images are decoded and resized once, so an epoch reads memory, not JPEGs: docs/scaling.md.
 """
 from __future__ import annotations
 
