@@ -1,25 +1,16 @@
 """Why the int8 TFLite model disagrees with the Keras model, and what fixes it, measured on test.
 
-Run from the project root once a model is trained (a few minutes on one core):
-
     python -m experiments.int8_fidelity [--model models/model.keras] [--data data/augmented]
-        [--calibration 200 1000 2000] [--debug-images 100] [--variants ...] [--json out.json]
+        [--calibration 200 1000 2000] [--debug-images 100] [--float-ops ...] [--json out.json]
 
-It prints one row per variant: top-1 agreement with the Keras model on the test split (both
-through stages/lib/inference.py's predict_proba, no test-time flips), balanced accuracy, file size
-and latency (median ms per image, batch of one, one CPU thread). Variants:
-
-- float16: the export stage's float16 file (the reference for size and speed);
-- int8 before issue 11: 200 calibration images drawn from all training images (synthetic '+aug'
-  copies included), every op int8;
-- int8 real N: N real training images (no '+aug' copy) calibrate, every op int8;
-- int8 real N + float OPS: the same with the given TFLite op types kept float32 (selective
-  quantisation through TFLite's quantisation debugger);
-- dynamic range: int8 weights, float activations (no calibration).
-
-Before the variants it runs the quantisation debugger (int8 real, largest N) on `--debug-images`
-test images and prints the tensors with the largest RMS error in quantisation steps.
-Nothing in data/ or models/ is written.
+Prints one row per variant (float16; int8 calibrated on 200 of all training images, '+aug' copies
+included; int8 on N real images; the same with op types or the worst tensors kept float32;
+dynamic range): top-1 agreement with the Keras model on the test split (both through
+stages/lib/inference.py's predict_proba, no test-time flips), balanced accuracy, size and latency
+(median ms per image, batch of one, one CPU thread). Before the float variants, TFLite's
+quantisation debugger ranks the tensors by RMS error in quantisation steps (`int8_layer_errors`).
+The conversions are the export stage's own (stages/export.py); nothing in data/ or models/ is
+written. Why: to choose `export.int8_float_ops` on evidence; results: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -39,18 +30,45 @@ from stages.lib.inference import predict_proba  # noqa: E402
 from stages.lib.shards import read_shards  # noqa: E402
 
 
+def int8_layer_errors(model, image_size: int, calibration: np.ndarray, images: np.ndarray):
+    """TFLite's quantisation debugger on `images`: per quantised tensor, the error of its int8
+    value against the float value computed from the same int8 inputs, as a table with
+    `rmse/scale` (RMS error in quantisation steps: ~0.29 is pure rounding, more is lost precision),
+    sorted worst first."""
+    import io
+
+    import pandas as pd
+    import tensorflow as tf
+
+    conv = export.int8_converter(model, image_size, calibration)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv,
+                                                         debug_dataset=export.one_at_a_time(images))
+    debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    table = pd.read_csv(buffer)
+    table["rmse/scale"] = np.sqrt(table["mean_squared_error"]) / table["scale"]
+    return table.sort_values("rmse/scale", ascending=False).reset_index(drop=True)
+
+
+def to_dynamic_range(model, image_size: int) -> bytes:
+    """Int8 weights, float32 activations (quantised on the fly): no calibration."""
+    import tensorflow as tf
+
+    conv = export.converter(model, image_size)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    return conv.convert()
+
+
 def figures(reference: np.ndarray, labels: np.ndarray, proba: np.ndarray, model_bytes: bytes, image: np.ndarray,
             runs: int) -> dict:
-    from sklearn.metrics import balanced_accuracy_score
-
-    top = proba.argmax(axis=1)
+    """export.compare's figures (balanced accuracy, agreement, size), latency, and how far probabilities move."""
     ranked = np.sort(reference, axis=1)
     margin = ranked[:, -1] - ranked[:, -2]
-    disagree = top != reference.argmax(axis=1)
+    disagree = proba.argmax(axis=1) != reference.argmax(axis=1)
     return {
-        "agreement": float(np.mean(~disagree)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, top)),
-        "size_bytes": len(model_bytes),
+        **export.compare(labels, reference, proba, len(model_bytes)),
         "latency_ms": export.latency_ms(model_bytes, image, runs),
         "max_abs_prob_error": float(np.abs(proba - reference).max()),
         "mean_abs_prob_error": float(np.abs(proba - reference).mean()),
@@ -119,7 +137,7 @@ def main() -> None:
     largest = export.representative_sample(real, max(args.calibration), args.seed)
     if args.debug_images:
         started = time.perf_counter()
-        table = export.int8_layer_errors(model, size, largest, test_images[:args.debug_images])
+        table = int8_layer_errors(model, size, largest, test_images[:args.debug_images])
         print(f"\nquantisation debugger ({args.debug_images} test images, {time.perf_counter() - started:.0f} s): "
               "worst tensors by RMS error in quantisation steps (rounding alone: 0.29)")
         view = table[["op_name", "tensor_name", "rmse/scale", "max_abs_error", "scale"]].head(15).copy()
@@ -141,7 +159,7 @@ def main() -> None:
         score(f"int8 real {max(args.calibration)} + float {k} worst layers",
               *timed(lambda nodes=nodes: export.to_int8(model, size, largest, (), nodes)))
     if "dynamic" not in args.skip:
-        score("dynamic range (int8 weights, float activations)", *timed(lambda: export.to_dynamic_range(model, size)))
+        score("dynamic range (int8 weights, float activations)", *timed(lambda: to_dynamic_range(model, size)))
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2, default=float) + "\n")
 

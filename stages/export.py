@@ -1,43 +1,16 @@
 """Stage `export`: the trained Keras model as TensorFlow Lite files, checked against it on test.
 
-Writes models/model_float16.tflite (weights stored as float16, computed in float32) and
-models/model_int8.tflite (int8 weights, per channel, and int8 activations, calibrated on a seeded
-sample of `representative_images` distinct real training images: augment's oversampled '+aug' copies
-are left out; op types in `int8_float_ops` stay float32), and metrics/export.json: for each model its
-balanced accuracy on the test split, its top-1 agreement with the Keras model there (all through
-the decision rule evaluate chose on validation, models/decision.json: the same test-time flips and
-class-prior correction, by inference.predict_proba and inference.corrected), its file size in
-bytes and, for each .tflite file, its latency (median ms per image, batch of one, one CPU thread).
-
-Why it is done this way (TensorFlow 2.21, Keras 3):
-- Conversion starts from a tf.function that calls the model with training=False at a fixed input
-  signature, and no trackable object (see `converter`). (`model.export(..., format=
-  "tf_saved_model")` did not work when the model held a RandomFlip layer: its serving graph kept
-  the random ops, which TFLite's builtin ops cannot run; augmentation now lives in train's input
-  pipeline, outside the model.)
-- Both files keep the Keras model's interface: float32 RGB pixels 0..255 at the trained size in,
-  7 float32 probabilities out, quantised/dequantised at the edges of the int8 file. So one
-  scoring path serves all three.
-- Where int8 loses precision, measured with TFLite's quantisation debugger (int8_layer_errors;
-  experiments/int8_fidelity.py) on the 128 px model of issue 12 (all layers trained, BatchNorm
-  frozen with ImageNet statistics), on the 1,287 test images: with every op int8, agreement is
-  0.925 (200 calibration images, '+aug' copies included), 0.926 (200 real), 0.930 (1,000 real).
-  The worst layers are depthwise convolutions: conv_dw_1 errs by 2.8 quantisation steps RMS,
-  conv_dw_3 by 1.6 (rounding alone: 0.29), then conv_pw_1..3 (1.2-1.5). The cause: ImageNet's
-  BatchNorm statistics, kept frozen, hold near-zero variances (down to 4e-35), so folding
-  gamma / sqrt(var) into the weights multiplies some channels by 30-46; a depthwise channel reads
-  one input channel through 9 weights and amplifies its input's int8 rounding by that much,
-  where a pointwise convolution averages it over hundreds of channels. Keeping float32 (op
-  types / layers -> agreement, size, ms/image): nothing 0.930, 3.53 MB, 1.37; SOFTMAX 0.930;
-  FULLY_CONNECTED + SOFTMAX 0.929; the first convolution 0.925; DEPTHWISE_CONV_2D 0.964, 3.55 MB,
-  1.45; the 2 worst layers 0.966, 3.53 MB; the 6 worst 0.975, 6.7 MB, 2.2 ms; the 12 worst 0.978,
-  9.5 MB, 3.0 ms; int8 weights with float activations (dynamic range) 0.961, 3.40 MB, 2.9 ms;
-  float16 0.997, 6.45 MB, 3.9-4.0 ms. Default: `int8_float_ops: [DEPTHWISE_CONV_2D]` (an op type
-  holds across retraining, where layer names picked by error would not), 1,000 real images.
-  Without a float op (`int8_float_ops: []`) every op must be int8 (TFLITE_BUILTINS_INT8 only: an
-  op that cannot be quantised fails the conversion instead of silently staying float).
-- The files are run with `tf.lite.Interpreter`, which TF 2.21 still ships (with a deprecation
-  warning pointing to the separate ai-edge-litert package, which is not a dependency here).
+Reads models/model.keras, models/decision.json and data/augmented; writes models/model_float16.tflite
+(float16 weights, float32 compute), models/model_int8.tflite (int8 weights per channel and int8
+activations, calibrated on a seeded sample of `representative_images` real training images, no
+'+aug' copy; op types in `int8_float_ops` stay float32) and metrics/export.json: per model, its
+balanced accuracy on test, its top-1 agreement with the Keras model (all through evaluate's
+decision rule, models/decision.json), its size in bytes and, per .tflite file, its latency
+(median ms per image, batch of one, one CPU thread). Invariant: both files keep the Keras
+model's interface (float32 RGB pixels 0..255 in, 7 float32 probabilities out), so one scoring
+path (inference.predict_proba, inference.corrected) serves all three.
+Why depthwise convolutions stay float32 by default: frozen ImageNet BatchNorm amplifies their
+int8 rounding (docs/experiments.md; measured with experiments/int8_fidelity.py).
 """
 from __future__ import annotations
 
@@ -159,38 +132,12 @@ def to_int8(model, image_size: int, calibration: np.ndarray, float_ops: tuple[st
     return debugger.get_nondebug_quantized_model()
 
 
-def int8_layer_errors(model, image_size: int, calibration: np.ndarray, images: np.ndarray):
-    """TFLite's quantisation debugger on `images`: per quantised tensor, the error of its int8
-    value against the float value computed from the same int8 inputs, as a table with
-    `rmse/scale` (RMS error in quantisation steps: ~0.29 is pure rounding, more is lost precision),
-    sorted worst first."""
-    import io
-
-    import pandas as pd
-    import tensorflow as tf
-
-    conv = int8_converter(model, image_size, calibration)
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(images))
-    debugger.run()
-    buffer = io.StringIO()
-    debugger.layer_statistics_dump(buffer)
-    buffer.seek(0)
-    table = pd.read_csv(buffer)
-    table["rmse/scale"] = np.sqrt(table["mean_squared_error"]) / table["scale"]
-    return table.sort_values("rmse/scale", ascending=False).reset_index(drop=True)
-
-
-def to_dynamic_range(model, image_size: int) -> bytes:
-    """Int8 weights, float32 activations (quantised on the fly): no calibration."""
-    import tensorflow as tf
-
-    conv = converter(model, image_size)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    return conv.convert()
-
-
 class TFLiteModel:
-    """A .tflite file as a callable batch -> probabilities, for inference.predict_proba."""
+    """A .tflite file as a callable batch -> probabilities, for inference.predict_proba.
+
+    It runs on `tf.lite.Interpreter`, which TF 2.21 still ships (with a deprecation warning that
+    points to the separate ai-edge-litert package, not a dependency here).
+    """
 
     def __init__(self, model_bytes: bytes, num_threads: int | None = None, progress: Progress | None = None):
         import tensorflow as tf

@@ -196,11 +196,3 @@ def test_latency_is_a_positive_median_in_milliseconds(exported):
     data = (exported / "models" / "model_float16.tflite").read_bytes()
     image = read_shards(exported / "augmented", "test")[0][0]
     assert 0 < export.latency_ms(data, image, runs=3) < 1000
-
-
-def test_quantisation_debugger_ranks_layers_by_error_in_quantisation_steps(tmp_path):
-    images = read_shards(make_shards(tmp_path / "augmented"), "train")[0]
-    table = export.int8_layer_errors(tiny_model(images), 32, images[:20], images[20:25])
-    assert {"op_name", "tensor_name", "rmse/scale"} <= set(table.columns)
-    assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= set(table["op_name"])
-    assert table["rmse/scale"].is_monotonic_decreasing and (table["rmse/scale"] >= 0).all()
