@@ -1,25 +1,15 @@
 """How far same-image pairs and different-lesion pairs lie under dedupe's near-duplicate proof.
 
-Run from the project root on a data/raw made by `dvc repro download` (read only; ~1 minute):
-
     python -m experiments.dedupe_proof [--raw data/raw] [--max-distance 10] [--sample 300]
 
-It prints, for the proof measure of stages/dedupe.py (the colour-fit residual: what the best
-per-channel linear colour change of one 64x64 RGB thumbnail leaves unexplained of the other) and,
-for comparison, the old measure (mean |difference| of 64x64 greyscale thumbnails, 0-255):
-
-1. pHash candidate pairs (within `--max-distance` bits, any flip/rotation; wider than the stage's
-   `phash_max_distance` on purpose) split into byte-identical, same-lesion and different-lesion
-   pairs, as distributions, with the closest different-lesion pairs and every pair under the
-   threshold listed by image id;
-2. an exhaustive check that pHash misses no re-processed copy: every pair of images (upright, at
-   16x16, where the measure costs one matrix product) under a loose residual limit, re-measured at
-   64x64;
-3. the same measure on known same-image pairs made here: `--sample` real images, each changed in
-   colour (white balance, brightness, contrast, gamma, saturation) and re-encoded at JPEG
-   quality 75, against the original.
-
-Nothing is written; the figures are recorded in docs/dedupe.md.
+Reads a data/raw made by `dvc repro download` (read only; about a minute) and prints, for
+stages/dedupe.py's colour-fit residual and the old grey-level measure: (1) pHash candidate pairs
+within `--max-distance` bits (any flip or rotation) split into byte-identical, same-lesion and
+different-lesion pairs, with the closest different-lesion pairs listed; (2) an exhaustive 16x16
+search for re-processed copies pHash missed; (3) `--sample` real images changed in colour and
+re-encoded at JPEG quality 75, against their originals. Writes nothing.
+Why: the threshold `dedupe.max_colour_fit_residual` must sit between the two populations.
+Results: docs/dedupe.md (Measurements); index of experiments: docs/experiments.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,16 @@
-"""Score trained models on validation with other test-time views: more symmetries, larger inputs, colours.
+"""Score trained models on validation under other test-time views: symmetries, sizes, white balance.
 
     python -m experiments.eval_views --models models/model.keras runs/seed1.keras ... --out runs/views
 
-Why: a change to `evaluate` alone costs minutes, not a 35-minute training, so it is worth knowing
-whether the committed models would score better when shown each validation image differently:
-
-- `flips` (what evaluate does): the mean over the image and its 3 flips;
-- `dihedral`: the 8 symmetries of the square (the flips and their transposes). A transpose swaps
-  the axis that augment's 4:3 -> square squash stretched; training rotates images freely, so the
-  model has seen both;
-- a larger input (`flips@192`): the same weights, rebuilt for another input size (MobileNet ends in
-  global pooling), fed the validation images re-read from data/raw at that size. Training saw the
-  lesion at the training size, so a gain from more detail may be lost to a change of scale;
-- another white balance (`warm`, `cool`): the flips of each image with red and blue scaled by
-  1.1 and 0.9 (or 0.9 and 1.1), as another dermatoscope might render it. Not a way to score
-  higher: a measure of how much a model loses on colours its training never showed (the on-line
-  augmentation changes brightness and contrast, the same for every channel). The prior strength
-  is re-chosen on the shifted images, so the loss is a lower bound of what a deployed model loses.
-
+Views: `flips` (what evaluate does), `none`, `dihedral` (the flips and their transposes), any of
+them at another input size (`flips@192`: the same weights rebuilt, images re-read from data/raw),
+and `warm` / `cool` (the flips with red and blue scaled by 1.1 and 0.9, or the reverse).
 Each view's probabilities go through `evaluate.choose_decision` (prior strength chosen on val) and
-are scored on validation only; test is not read. Writes `<out>/views.json`: per model and view the
-validation balanced accuracy, then per view the mean, the sd and the paired difference from
-`flips` over the models.
+are scored on validation only; test is never read. Writes `<out>/views.json`: per model and view
+the validation balanced accuracy, per view the mean, sd and paired difference from `flips`.
+Why: a change to `evaluate` costs minutes, not a training; `warm`/`cool` measure what another
+white balance costs (a lower bound: the prior strength is re-chosen on the shifted images).
+Results: docs/experiments.md (rows on test-time views and white balance).
 """
 from __future__ import annotations
 

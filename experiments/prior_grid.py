@@ -2,14 +2,14 @@
 
     python -m experiments.prior_grid runs/seeds/seed*.npz --grid -1 -0.75 -0.5 -0.25 0 0.25 0.5 --out runs/grid.json
 
-Why: `evaluate` picks the prior strength with the best validation balanced accuracy among
-`evaluate.prior_strengths`. When the pick sits at the grid's edge, a wider grid looks better on the
-same images by construction. To see whether it would generalise, validation is halved at random
-by lesion group (no lesion on both sides), the strength is chosen on one half with evaluate's own
-rule and scored on the other, both ways round, over many halvings. Reads the validation
-probabilities that `experiments/seeds.py` saves (`val_labels`, `val_<tta>`); test is not read.
-Writes, per run, the validation balanced accuracy at each strength, the cross-validated balanced
-accuracy of the committed grid and of `--grid`, and their difference.
+Reads the validation probabilities that `experiments/seeds.py` saves (`val_labels`, `val_<tta>`);
+test is never read. Validation is halved at random by lesion group (no lesion on both sides); the
+strength is chosen on one half with evaluate's own rule and scored on the other, both ways round,
+over many halvings. Writes, per run, the validation balanced accuracy at each strength, the
+cross-validated balanced accuracy of the committed grid and of `--grid`, and their difference.
+Why: when evaluate's pick sits at the grid's edge, a wider grid looks better on the same images
+by construction; only held-out halves show whether it generalises.
+Results: docs/experiments.md (the prior-grid row).
 """
 from __future__ import annotations
 
