@@ -54,13 +54,22 @@ def _value_type(hint: Any) -> Any:
     return hint
 
 
+def command_parser(main: Callable[..., Any], description: str | None = None,
+                   exit_status: str = EXIT_STATUS) -> argparse.ArgumentParser:
+    """The parser every command starts from, stage or not (predict, serve): named `python -m
+    stages.<name>`, described by its module docstring's first paragraph unless `description` is
+    given, its exit statuses as the epilog, and no abbreviated options (`--data` must not pass for
+    `--data-dir`)."""
+    if description is None:
+        module = sys.modules.get(main.__module__)
+        description = inspect.cleandoc(getattr(module, "__doc__", None) or "").split("\n\n")[0] or None
+    return argparse.ArgumentParser(prog=f"python -m {module_name(main)}", description=description,
+                                   epilog=exit_status, allow_abbrev=False)
+
+
 def stage_parser(main: Callable[..., Any]) -> argparse.ArgumentParser:
     """An argparse parser with one option per keyword parameter of main(), defaults included."""
-    module = sys.modules.get(main.__module__)
-    doc = inspect.cleandoc(getattr(module, "__doc__", None) or "")
-    parser = argparse.ArgumentParser(prog=f"python -m {module_name(main)}",
-                                     description=doc.split("\n\n")[0] or None, epilog=EXIT_STATUS,
-                                     allow_abbrev=False)  # `--data` must not pass for `--data-dir`
+    parser = command_parser(main)
     hints = typing.get_type_hints(main)
     for name, parameter in inspect.signature(main).parameters.items():
         if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):

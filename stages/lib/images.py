@@ -35,10 +35,12 @@ class ImageError(StageError):
     """A file that is not a usable image; the message names the file and why."""
 
 
-def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
+def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None):
     """Decode `path` fully into an upright 8-bit RGB PIL image, or raise ImageError saying what is
-    wrong. Empty, truncated, non-image and oversized files are errors. Valid files become what a
-    plain upright 8-bit RGB file of the same picture would give, by these rules (docs/faults.md):
+    wrong. Empty, truncated, non-image, oversized files and folders are errors, and so is an image
+    in a format outside `formats` (Pillow's names, e.g. ("JPEG", "PNG"); None: any Pillow reads).
+    Valid files become what a plain upright 8-bit RGB file of the same picture would give, by
+    these rules (docs/faults.md):
 
     - EXIF orientation: applied (a photo stored sideways with an Orientation tag comes out upright,
       as viewers show it). An unreadable EXIF block is ignored: the pixels are used as stored.
@@ -58,12 +60,14 @@ def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
         size = path.stat().st_size
     except OSError as err:
         raise ImageError(f"{path}: cannot read ({err.strerror})") from None
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image file")
     if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=formats) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageError(
                         f"{path}: {img.width}x{img.height} pixels is over the limit of "
@@ -76,9 +80,26 @@ def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{path}: decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        raise ImageError(f"{path}: {_unaccepted(path, formats)}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+
+
+def _unaccepted(path: Path, formats: tuple[str, ...] | None) -> str:
+    """Why Pillow refused `path`: not an image at all, or (read from its header only, nothing is
+    decoded) an image in a format that `formats` leaves out."""
+    from PIL import Image
+
+    found = None
+    if formats is not None:
+        try:
+            with Image.open(path) as img:
+                found = img.format
+        except Exception:  # any failure here means the same: no format Pillow knows
+            pass
+    if found is None:
+        return "not an image (unrecognised format)"
+    return f"{found} images are not accepted (accepted: {', '.join(formats)})"
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -142,11 +143,136 @@ def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_pat
     assert "2 image(s), 1 failed." in out and out.rstrip().endswith(predict.NOTICE)
 
 
-def test_missing_model_is_a_usage_error_that_says_how_to_get_it(tmp_path, good_images, capsys):
+def dvc_project(folder: Path, remote: bool) -> Path:
+    """A DVC project's config, with or without a remote, as `dvc remote add -d` writes it."""
+    (folder / ".dvc").mkdir(parents=True, exist_ok=True)
+    text = "[core]\n    remote = store\n['remote \"store\"']\n    url = /srv/dvc\n" if remote else ""
+    (folder / ".dvc" / "config").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["no-remote", "remote"])
+def test_missing_model_is_a_usage_error_that_says_how_to_get_it(tmp_path, good_images, capsys, monkeypatch,
+                                                                remote):
+    monkeypatch.chdir(dvc_project(tmp_path, remote))
     status = predict.main(["--model", str(tmp_path / "nope.keras"), str(good_images[0])])
     err = capsys.readouterr().err
-    assert status == 2
-    assert str(tmp_path / "nope.keras") in err and "dvc repro" in err and "dvc pull" in err
+    assert status == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "nope.keras") in err and "dvc repro train" in err
+    assert ("dvc pull" in err) == remote, err
+
+
+def test_a_remote_is_found_in_the_projects_config_from_a_subfolder(tmp_path):
+    assert not predict.dvc_remote_configured(dvc_project(tmp_path / "a", remote=False))
+    (dvc_project(tmp_path / "b", remote=True) / "sub").mkdir()
+    assert predict.dvc_remote_configured(tmp_path / "b" / "sub")
+    (tmp_path / "c" / ".dvc").mkdir(parents=True)
+    (tmp_path / "c" / ".dvc" / "config.local").write_text("[core]\n    remote = mine\n")
+    assert predict.dvc_remote_configured(tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    assert not predict.dvc_remote_configured(tmp_path / "d")
+
+
+def broken_models(folder: Path) -> dict[str, Path]:
+    """Model files that are not a usable 7-class image model, and a folder named like one."""
+    import keras
+
+    three = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="softmax")])
+    three.save(folder / "three.keras")
+    (folder / "garbage.keras").write_bytes(b"not a zip file\n" * 50)
+    (folder / "folder.keras").mkdir()
+    return {"garbage": folder / "garbage.keras", "three-classes": folder / "three.keras",
+            "directory": folder / "folder.keras"}
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["no-remote", "remote"])
+def test_a_broken_model_is_a_one_line_usage_error_saying_what_to_run(tmp_path, good_images, capsys, monkeypatch,
+                                                                    remote):
+    monkeypatch.chdir(dvc_project(tmp_path, remote))
+    for kind, path in broken_models(tmp_path).items():
+        status = predict.main(["--model", str(path), str(good_images[0])])
+        err = capsys.readouterr().err
+        assert status == 2, kind
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(path) in err, (kind, err)
+        if kind != "directory":
+            assert "dvc repro train" in err and ("dvc pull" in err) == remote, (kind, err)
+    assert "is a directory" in err
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"tta": "none"}', None],
+                         ids=["malformed", "a-list", "missing-keys", "directory"])
+@pytest.mark.parametrize("remote", [False, True], ids=["no-remote", "remote"])
+def test_a_broken_decision_file_is_a_one_line_usage_error(model_and_path, good_images, tmp_path, capsys,
+                                                          monkeypatch, content, remote):
+    _, model_path = model_and_path
+    monkeypatch.chdir(dvc_project(tmp_path, remote))
+    decision = tmp_path / "decision.json"
+    decision.mkdir() if content is None else decision.write_text(content)
+    status = predict.main(["--model", str(model_path), "--decision", str(decision), str(good_images[0])])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and str(decision) in err, err
+    if content is None:
+        assert "is a directory" in err
+    else:
+        assert "dvc repro evaluate" in err and ("dvc pull" in err) == remote, err
+
+
+def test_help_answers_without_importing_tensorflow_and_options_are_not_abbreviated():
+    code = ("import sys\nfrom stages import predict\ntry:\n    predict.main(['--help'])\n"
+            "except SystemExit as done:\n    assert done.code == 0\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "usage: python -m stages.predict" in done.stdout and "exit status: 0" in done.stdout
+    with pytest.raises(SystemExit) as abbreviated:
+        predict.parse_args(["--jso", "x.jpg"])
+    assert abbreviated.value.code == 2
+
+
+def test_a_directory_is_named_as_such(model_and_path, tmp_path):
+    model, _ = model_and_path
+    (tmp_path / "photos.jpg").mkdir()
+    [result] = predict.predict_files(model, [str(tmp_path / "photos.jpg")])
+    assert result["error"] == "is a directory, not an image file"
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "WEBP"])
+def test_only_jpeg_and_png_are_decoded_and_other_formats_are_named(model_and_path, good_images, tmp_path, fmt):
+    model, _ = model_and_path
+    path = tmp_path / f"lesion.{fmt.lower()}"
+    image_pixels("lesion", (120, 90)).save(path, fmt)
+    bad, good = predict.predict_files(model, [str(path), str(good_images[0])])
+    assert bad["error"] == f"{fmt} images are not accepted (accepted: JPEG, PNG)"
+    assert "top" in good
+
+
+def test_an_image_far_below_the_input_size_gets_a_warning(model_and_path, tmp_path, capsys):
+    model, model_path = model_and_path  # input 32x32: a side under 16 pixels is warned about
+    for name, size in {"tiny.png": (20, 15), "fine.png": (16, 16), "big.png": (120, 90)}.items():
+        image_pixels("lesion", size).save(tmp_path / name)
+    tiny, fine, big = predict.predict_files(model, [str(tmp_path / n) for n in ("tiny.png", "fine.png", "big.png")])
+    assert fine["warnings"] == big["warnings"] == []
+    [warning] = tiny["warnings"]
+    assert warning.startswith("20x15 pixels is far below the model's input size (32x32)")
+    assert predict.main(["--model", str(model_path), str(tmp_path / "tiny.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].split() == ["warning:", *warning.split()]
+
+
+def test_the_table_warns_when_the_image_is_out_of_distribution():
+    top = [{"dx": "nv", "name": "melanocytic nevi", "probability": 0.6},
+           {"dx": "mel", "name": "melanoma", "probability": 0.3},
+           {"dx": "bkl", "name": "benign keratosis", "probability": 0.05}]
+    judged = {"image": "a.jpg", "top": top, "decision": "mel", "in_distribution": True, "ood_score": 1.0,
+              "mel_probability": 0.3, "mel_threshold": 0.25, "warnings": []}
+    unknown = {**judged, "image": "cat.jpg", "decision": "unknown", "in_distribution": False, "ood_score": 42.0}
+    lines = predict.format_table([judged, unknown]).splitlines()
+    assert lines[1].split()[-6:] == ["mel", "(p(mel)", "30.0%", ">=", "threshold", "25.0%)"]
+    assert "unknown" in lines[4]
+    assert lines[7].split()[:8] == ["warning:", "not", "a", "lesion", "this", "model", "can", "judge:"]
+    assert "42" in lines[7] and sum("warning:" in line for line in lines) == 1
 
 
 def test_decision_at_the_operating_point_calls_melanoma_above_the_threshold(model_and_path, good_images):
@@ -176,13 +302,44 @@ def test_usage_errors_exit_2_and_help_carries_the_notice(capsys):
     assert "not a medical device" in " ".join(capsys.readouterr().out.split())
 
 
-def test_command_line_keeps_stdout_valid_json(model_and_path, good_images, bad_images):
-    """The real process: TensorFlow's start-up messages must not reach stdout."""
+@pytest.fixture
+def odd_names(tmp_path, good_images) -> list[bytes]:
+    """Good images under names a terminal or UTF-8 cannot take as they are: bytes that are not
+    UTF-8 (Latin-1 `é`), an escape sequence that would turn the terminal red, a bidi override."""
+    names = [b"caf\xe9.jpg", b"red\x1b[31m.jpg", "evil\u202egpj.png".encode()]
+    for name in names:
+        (tmp_path / os.fsdecode(name)).write_bytes(good_images[0].read_bytes())
+    return [os.fsencode(tmp_path) + b"/" + name for name in names]
+
+
+def run_predict(*args, env=None) -> subprocess.CompletedProcess:
+    """The real process, as bytes, stdout strictly UTF-8 (PYTHONIOENCODING=utf-8)."""
+    return subprocess.run([sys.executable, "-m", "stages.predict", *args], cwd=ROOT, capture_output=True,
+                          timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def test_command_line_keeps_stdout_valid_json_whatever_the_file_names(model_and_path, good_images, bad_images,
+                                                                      odd_names):
+    """The real process: TensorFlow's start-up messages must not reach stdout, and no file name
+    can make the JSON invalid or lose the other images' results."""
     _, model_path = model_and_path
-    done = subprocess.run([sys.executable, "-m", "stages.predict", "--json", "--model", str(model_path),
-                           str(good_images[3]), str(bad_images["truncated"])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_predict("--json", "--model", str(model_path), str(good_images[3]), *odd_names,
+                       str(bad_images["truncated"]))
     assert done.returncode == 1, done.stderr
-    results = json.loads(done.stdout)
-    assert "top" in results[0] and "truncated" in results[1]["error"]
-    assert "not a medical device" in done.stderr
+    assert b"\x1b" not in done.stdout and "\u202e".encode() not in done.stdout
+    results = json.loads(done.stdout.decode("utf-8"))
+    assert [r["image"].rsplit("/", 1)[-1] for r in results[1:4]] == ["caf\\xe9.jpg", "red\x1b[31m.jpg",
+                                                                     "evil\u202egpj.png"]
+    assert all("top" in r for r in results[:4]) and "truncated" in results[4]["error"]
+    assert "not a medical device" in done.stderr.decode()
+
+
+def test_table_escapes_file_names_and_keeps_every_result(model_and_path, good_images, odd_names):
+    _, model_path = model_and_path
+    done = run_predict("--model", str(model_path), *odd_names, str(good_images[1]))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode("utf-8")  # strict: the table is valid UTF-8
+    assert "\x1b" not in out and "\u202e" not in out
+    names = [line.split()[0].rsplit("/", 1)[-1] for line in out.splitlines() if line.startswith("/")]
+    assert names == ["caf\\xe9.jpg", "red\\x1b[31m.jpg", "evil\\u202egpj.png", good_images[1].name]
+    assert "4 image(s), 0 failed." in out
