@@ -3,29 +3,15 @@
     KERAS_BACKEND=jax python -m experiments.sweep_jax --out runs/sweep --seeds 1 2 3 \
         --config all,128,15 --config all,192,8,augment.target_per_class=750 [--workers 6] [--deadline-min 8]
 
-A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS, optionally followed by augment.KEY=VALUE overrides of
-its data; `--set train.KEY=VALUE` applies to every run.
-
-Why a second training path: a 2-core CPU trains one configuration in about 35 minutes, so a sweep
-of several configurations over three seeds (issue 12, item 4) does not fit there, and the GPU
-machine lent to some sessions has JAX but no TensorFlow. Everything except the on-line
-augmentation is the pipeline's own code:
-- data: `stages.augment.main` renders data/split + data/raw/images for each config (params.yaml's
-  `augment` section with `image_size` and the config's overrides replaced), as `dvc repro augment` would;
-- model, optimizer and schedule, class weights, per-epoch validation and the average of the last
-  epochs' weights: `stages.train`, from params.yaml's `train` section (`experiments/seeds.py`);
-- scoring: `experiments/score_seeds.py`, i.e. `evaluate`'s own decision rule chosen on validation.
-What differs, and why the committed recipe is re-run here as the baseline: `OnlineAugment` is
-`train.augment_batch`'s transform (same ranges, one affine resampling with mirrored margins, then
-contrast and brightness) written with keras.ops and keras.random, so its random draws differ from
-the tf.data ones, and float32 on a GPU is not bit-identical to a CPU. Compare configurations within
-one sweep, not with CPU runs.
-
-Only validation is read: test probabilities are never computed. Each run trains in its own process
-(several share the GPU: one small-batch MobileNet leaves it mostly idle); runs start seed by seed
-(every config's first seed, then every config's second, ...), so a deadline that stops the queue
-leaves each config with its first seeds; none starts that would not finish before the deadline.
-Writes `<out>/runs/<config>_seed<N>.{json,npz}` and `<out>/summary.json` (mean ± sd per config).
+A config is TRAINABLE_FROM,IMAGE_SIZE,EPOCHS[,augment.KEY=VALUE...]; `--set train.KEY=VALUE` applies
+to every run. Data, model, schedule, class weights, weight averaging and scoring are the pipeline's
+own (stages.augment.main, stages.train, experiments/score_seeds.py); only the on-line augmentation
+is re-written, in keras.ops (`online_augment_layer`: train's ranges and formulas, other random
+draws; tests/experiments/test_sweep_jax.py pins that equal draws give train's images). Only
+validation is read. Runs go seed by seed, several processes sharing the GPU; none starts that
+would end after the deadline. Writes <out>/runs/<config>_seed<N>.{json,npz} and <out>/summary.json.
+Why: a 2-core CPU trains one configuration in ~35 min and the lent GPU machine has JAX but no
+TensorFlow; compare configurations within one sweep, not with CPU runs (docs/experiments.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""experiments/sweep_jax.py: the on-line augmentation it trains with, its configs, val-only scoring."""
+"""experiments/sweep_jax.py: the on-line augmentation it trains with (train's own, in keras.ops), its
+configs, val-only scoring."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import score_seeds
+from experiments import score_seeds, sweep_jax
 from experiments.score_seeds import score_run
 from experiments.sweep_jax import Config, online_augment_layer
+from stages import train
 from stages.evaluate import EvaluateParams
 from stages.lib.dataset import CLASSES
 from stages.train import Augmentation
@@ -62,6 +64,54 @@ def test_white_balance_gains_each_channel_apart():
     gains = as_numpy(online_augment_layer(gains_only, seed=2)(plain, training=True))[:, 0, 0, :] / 100
     assert 0.8 - 1e-6 <= gains.min() and gains.max() <= 1.2 + 1e-6
     assert np.abs(gains[:, 0] - gains[:, 2]).max() > 0.1
+
+
+class FixedDraws:
+    """A stand-in for both random sources: the k-th draw is the same array whichever asks for it.
+
+    Both paths draw in one order (angle, zoom, shift x, shift y, flip x, flip y, brightness,
+    contrast, channel gains); each draw is minval + u * (maxval - minval), u fixed by its rank.
+    """
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(5)
+
+    def draw(self, shape, minval, maxval):
+        import tensorflow as tf
+
+        unit = self.rng.random([int(n) for n in shape])
+        return tf.constant(minval + unit * ((1.0 if maxval is None else maxval) - minval), tf.float32)
+
+    def stateless_uniform(self, shape, seed, minval=0, maxval=None, dtype=None):  # tf.random's signature
+        return self.draw(shape, minval, maxval)
+
+    def keras_uniform(self, shape, minval=0.0, maxval=1.0, dtype=None, seed=None):  # keras.random's
+        return self.draw(shape, minval, maxval)
+
+
+@pytest.mark.parametrize("photo_aspect, white_balance", [(1.0, 0.0), (4 / 3, 0.1)])
+def test_the_same_draws_give_trains_own_transform(monkeypatch, photo_aspect, white_balance):
+    """The sweep's layer and train.augment_batch turn the same draws into the same images: the same
+    ranges (one train.Augmentation), and train's own formulas (imported from stages.train, not copied)."""
+    import keras
+    import tensorflow as tf
+
+    assert sweep_jax.affine_about_centre is train.affine_about_centre
+    assert sweep_jax.contrast_then_brightness is train.contrast_then_brightness
+    augmentation = Augmentation(flip=True, rotation_degrees=180, shift_fraction=0.1, zoom_fraction=0.2, brightness=0.3,
+                                contrast=0.3, photo_aspect=photo_aspect, white_balance=white_balance)
+    images = np.random.default_rng(4).integers(0, 256, (16, 24, 24, 3)).astype(np.uint8)
+
+    draws = FixedDraws()
+    monkeypatch.setattr(tf.random, "stateless_uniform", draws.stateless_uniform)
+    expected = train.augment_batch(tf.constant(images, tf.float32), tf.constant([1, 2], tf.int64),
+                                   augmentation).numpy()
+    monkeypatch.undo()
+    draws = FixedDraws()
+    monkeypatch.setattr(keras.random, "uniform", draws.keras_uniform)
+    got = as_numpy(online_augment_layer(augmentation, seed=1)(images, training=True))
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert np.abs(expected - images).mean() > 10  # the transform did move and recolour the pixels
 
 
 def test_config_parse():
