@@ -114,11 +114,11 @@ def test_setup_command_is_what_ci_runs():
     assert setup[0].split("  #")[0].strip().endswith("&& dvc repro")
 
 
-def test_readme_is_short_and_names_no_machine_path():
+def test_readme_is_short_and_names_no_local_folder():
+    """Absolute machine paths are caught for every tracked file by tests/test_lint.py."""
     text = readme()
     assert len(text.splitlines()) <= MAX_LINES
-    for path in ("../shared", "/work/", "/home/", "/tmp/"):
-        assert path not in text, f"README names {path}"
+    assert "../shared" not in text, "README names a folder beside this checkout; say what it must hold"
 
 
 def test_readme_links_exist():
