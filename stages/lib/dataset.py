@@ -5,7 +5,7 @@ CLASSES: the seven `dx` codes in the one order every stage, file and the model's
 CLASS_NAMES: their names; LABELS: dx -> code; MELANOMA: mel's code; SPLITS: train, val, test;
 SPLIT_COLUMNS: the columns of data/split/*.csv; `class_mapping()`: data/split/classes.json.
 Invariant: a class's code is the same in data/split, the shards, the model's output and metrics/.
-Why: one definition, so no stage can disagree about which output is melanoma. Table: README.md.
+Why: one definition, so no stage can disagree about which output is melanoma (list: README.md).
 """
 from __future__ import annotations
 
