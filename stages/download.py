@@ -8,10 +8,11 @@ Sources, in order of precedence:
 
 Downloads land in a persistent cache (data/downloads/, not a DVC output), so a re-run or a
 dropped connection never fetches a verified byte twice. The output data/raw/ holds
-`images/ISIC_XXXXXXX.jpg` (flat, from every archive), the metadata CSV and `source.json` (which
-source: official / mirror / local; its URL, DOI or folder; each file's sha256), published in one
-rename. Archives are treated as hostile until checked: nothing is written before every entry
-passed the checks below.
+`images/ISIC_XXXXXXX.jpg` (flat, from every archive), the metadata CSV and `source.json` (content
+facts only: each file's size and sha256), published atomically. Where the files came from (URL,
+DOI or folder) goes to data/downloads/source.json and the log, so the same files give the same
+data/raw and dvc.lock from any server. Archives are hostile until checked (names, sizes,
+overlapping entries): nothing is written before every entry passed. Faults: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import ssl
 import stat
-import sys
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,16 +39,15 @@ from pathlib import Path
 from time import sleep
 from typing import BinaryIO, TypeVar
 
-from tqdm import tqdm
-
 from stages.lib.cli import StageError, run_stage
 from stages.lib.files import atomic_dir, atomic_write_json
 from stages.lib.params import PARAMS_FILE, in_range, load_params
+from stages.lib.progress import Progress
 
 log = logging.getLogger("stages.download")
 RAW_DIR = Path("data/raw")
 CACHE_DIR = Path("data/downloads")
-SOURCE_FILE = "source.json"  # in data/raw: where the files came from, and their sha256
+SOURCE_FILE = "source.json"  # data/raw's: each file's size and sha256; data/downloads': where they came from
 MIRROR_ENV = "HAM10000_MIRROR"
 SUMS_FILE = "SHA256SUMS"
 USER_AGENT = "ham10000-pipeline/1.0 (+python-urllib; stages/download.py)"
@@ -54,6 +55,7 @@ CHUNK_BYTES = 1 << 20
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
+LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: signature .. name and extra lengths
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(zip|csv)$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -246,6 +248,11 @@ class RetriesExhaustedError(StageError):
     """A transient failure that outlasted every retry; a partial download is kept for next time."""
 
 
+class UnresolvableHostError(StageError):
+    """The host name does not resolve (no network, no DNS): retrying will not help, the mirror or a
+    local folder will; a partial download is kept for when the network is back."""
+
+
 T = TypeVar("T")
 
 
@@ -281,8 +288,14 @@ def open_url(url: str, timeout_s: float, offset: int = 0) -> http.client.HTTPRes
             raise TransientError(f"HTTP {err.code} {err.reason}") from None
         raise HTTPStatusError(url, err.code, str(err.reason)) from None
     except urllib.error.URLError as err:
+        if isinstance(err.reason, socket.gaierror):
+            host = urllib.parse.urlsplit(url).hostname
+            raise UnresolvableHostError(
+                f"{url}: cannot resolve host {host} ({err.reason.strerror or err.reason}): no network? "
+                f"Set {MIRROR_ENV}=<base URL> to fetch from a mirror, or download.local_dir in params.yaml "
+                "to a folder holding the files") from None
         if isinstance(err.reason, OSError) and not isinstance(err.reason, ssl.SSLCertVerificationError):
-            # refused, reset, DNS, timeout while connecting (a bad certificate will not heal)
+            # refused, reset, timeout while connecting (a bad certificate will not heal)
             raise TransientError(f"cannot connect ({err.reason})") from None
         raise StageError(f"{url}: {err.reason}") from None
     except (ConnectionError, TimeoutError, http.client.HTTPException) as err:
@@ -342,10 +355,9 @@ def download_once(url: str, part: Path, name: str, timeout_s: float) -> None:
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
         received = start
-        with open(part, "ab" if start else "wb") as out, tqdm(
-            total=total, initial=start, desc=name, unit="B", unit_scale=True, file=sys.stderr,
-            disable=None, leave=False,  # None: no bar when stderr is not a terminal (CI logs)
-        ) as bar:
+        with open(part, "ab" if start else "wb") as out, Progress(
+                total or 0, what=f"download {name}", unit="bytes", logger=log) as bar:
+            bar.update(start)  # resumed from the .part
             try:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
@@ -365,7 +377,7 @@ def download_resumable(url: str, part: Path, name: str, params: DownloadParams) 
     """
     try:
         with_retries(url, params.retries, lambda: download_once(url, part, name, params.timeout_s))
-    except RetriesExhaustedError:
+    except (RetriesExhaustedError, UnresolvableHostError):
         raise
     except StageError:
         part.unlink(missing_ok=True)
@@ -462,20 +474,27 @@ def gather(params: DownloadParams, mirror: str | None, cache: Path) -> list[Path
     return [fetch_cached(pinned(r, params.sha256), cache, params) for r in remotes]
 
 
-def provenance(params: DownloadParams, mirror: str | None, inputs: list[Path]) -> dict:
-    """data/raw/source.json: which source the files came from (official / mirror / local folder),
-    its URL or DOI, and the sha256 of each file as used (null for a folder of extracted images).
+def content_facts(names: list[str], inputs: list[Path]) -> dict:
+    """data/raw/source.json: what each input is, not where it came from: a file's size and sha256,
+    a folder of extracted images its image count and total size."""
+    files = {}
+    for name, path in zip(names, inputs):
+        if path.is_file():
+            files[name] = {"bytes": path.stat().st_size, "sha256": file_digests(path, {"sha256"})["sha256"]}
+        else:
+            images = [p for p in path.iterdir() if p.is_file() and is_image(p.name)]
+            files[name] = {"images": len(images), "bytes": sum(p.stat().st_size for p in images)}
+    return {"files": files}
 
-    The same precedence as `gather`: local_dir, then the mirror, then the official release.
-    """
-    files = {name: (file_digests(path, {"sha256"})["sha256"] if path.is_file() else None)
-             for name, path in zip(params.files, inputs)}
+
+def origin(params: DownloadParams, mirror: str | None) -> dict:
+    """data/downloads/source.json (untracked): which source the files came from (official / mirror /
+    local folder) and its URL, DOI or folder; the same precedence as `gather`."""
     if params.local_dir is not None:
-        return {"source": "local", "url": None, "doi": None, "local_dir": params.local_dir, "files": files}
+        return {"source": "local", "url": None, "doi": None, "local_dir": params.local_dir}
     if mirror:
-        return {"source": "mirror", "url": mirror_base(mirror), "doi": None, "local_dir": None, "files": files}
-    return {"source": "official", "url": params.dataverse_url, "doi": params.dataset_doi, "local_dir": None,
-            "files": files}
+        return {"source": "mirror", "url": mirror_base(mirror), "doi": None, "local_dir": None}
+    return {"source": "official", "url": params.dataverse_url, "doi": params.dataset_doi, "local_dir": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,8 +534,13 @@ def size_problem(info: zipfile.ZipInfo, limits: ArchiveLimits) -> str | None:
     return None
 
 
-def plan_archive(infos: list[zipfile.ZipInfo], archive: str, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
-    """The image entries to take, or StageError naming the archive and the first bad entry."""
+def plan_archive(infos: list[zipfile.ZipInfo], archive: Path, limits: ArchiveLimits,
+                 archive_bytes: int) -> list[zipfile.ZipInfo]:
+    """The image entries to take, or StageError naming the archive and the first bad entry.
+
+    The declared total is capped twice: by max_total_bytes, and by max_compression_ratio times the
+    archive's own size (entries that share compressed data each pass the per-entry ratio).
+    """
     seen: set[str] = set()
     images, total = [], 0
     for info in infos:
@@ -532,7 +556,51 @@ def plan_archive(infos: list[zipfile.ZipInfo], archive: str, limits: ArchiveLimi
     if total > limits.max_total_bytes:
         raise StageError(f"{archive}: declares {total:,} bytes of images in all, "
                          f"over max_total_bytes {limits.max_total_bytes:,}")
+    if total > limits.max_compression_ratio * archive_bytes:
+        raise StageError(f"{archive}: declares {total:,} bytes of images in an archive of {archive_bytes:,} "
+                         f"bytes, ratio {total / max(archive_bytes, 1):.0f} over max_compression_ratio "
+                         f"{limits.max_compression_ratio:g} (a zip bomb: entries sharing their data)")
     return images
+
+
+def local_header_end(f: BinaryIO, info: zipfile.ZipInfo) -> int | str:
+    """Where `info`'s compressed data ends, from its local header; or why that header does not
+    match the central directory (name, method, CRC, sizes), which zipfile trusts on its own."""
+    f.seek(info.header_offset)
+    raw = f.read(LOCAL_HEADER.size)
+    if len(raw) < LOCAL_HEADER.size or raw[:4] != b"PK\x03\x04":
+        return f"no local header at offset {info.header_offset:,}"
+    _, _, flags, method, _, _, crc, packed, size, name_len, extra_len = LOCAL_HEADER.unpack(raw)
+    name = f.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+    if name != info.orig_filename:
+        return f"local header names {name!r}"
+    if method != info.compress_type:
+        return f"local header's compression method {method} differs from the central directory's {info.compress_type}"
+    if not flags & 0x08:  # else the CRC and sizes follow the data, and the header holds zeros
+        for what, local, central in (("CRC", crc, info.CRC), ("compressed size", packed, info.compress_size),
+                                     ("size", size, info.file_size)):
+            if local not in (central, 0xFFFFFFFF):  # 0xFFFFFFFF: in the zip64 extra field
+                return f"local header's {what} {local:,} differs from the central directory's {central:,}"
+    return info.header_offset + LOCAL_HEADER.size + name_len + extra_len + info.compress_size
+
+
+def layout_problem(f: BinaryIO, infos: list[zipfile.ZipInfo], central_directory: int) -> str | None:
+    """Why the entries' bytes are not disjoint (each local header and its data, before the central
+    directory), or None. Overlapping entries inflate one stream many times: a zip bomb that every
+    per-entry check passes, and Python's zipfile does not look for it."""
+    spans = []
+    for info in infos:
+        end = local_header_end(f, info)
+        if isinstance(end, str):
+            return f"entry {info.filename!r}: {end}"
+        if end > central_directory:
+            return f"entry {info.filename!r}: its data runs into the central directory"
+        spans.append((info.header_offset, end, info.filename))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            return f"entries {name!r} and {other!r} overlap (they share compressed data: a zip bomb)"
+    return None
 
 
 def copy_entry(src: BinaryIO, dst: BinaryIO, declared: int) -> None:
@@ -563,9 +631,12 @@ def claim(names: dict[str, str], name: str, origin: str) -> None:
 def extract_images(archive: Path, images_dir: Path, limits: ArchiveLimits, taken: dict[str, str]) -> int:
     """Check every entry, then copy the images flat into `images_dir`; returns the count."""
     try:
-        with zipfile.ZipFile(archive) as zf:
+        with zipfile.ZipFile(archive) as zf, open(archive, "rb") as f:
             infos = zf.infolist()
-            entries = plan_archive(infos, archive.name, limits)
+            entries = plan_archive(infos, archive, limits, archive.stat().st_size)
+            problem = layout_problem(f, infos, getattr(zf, "start_dir", archive.stat().st_size))
+            if problem:
+                raise StageError(f"{archive}: refused: {problem}")
             for info in entries:
                 claim(taken, flat_name(info.filename), f"{archive.name}:{info.filename}")
             for info in entries:
@@ -622,18 +693,20 @@ def main(params_path: Path = PARAMS_FILE, out_dir: Path = RAW_DIR, cache_dir: Pa
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     mirror = os.environ.get(MIRROR_ENV) or None
     inputs = gather(params, mirror, cache_dir)
-    source = provenance(params, mirror, inputs)
+    facts, where = content_facts(params.files, inputs), origin(params, mirror)
     try:
         with atomic_dir(out_dir) as tmp:
             count = build_raw(inputs, tmp, params.limits)
-            atomic_write_json(tmp / SOURCE_FILE, source)
+            atomic_write_json(tmp / SOURCE_FILE, facts)
     except CorruptArchiveError as err:
         if err.path.parent == cache_dir:
             err.path.unlink(missing_ok=True)
             raise StageError(f"{err} (removed from {cache_dir}; the next run downloads it again)") from None
         raise
-    log.info("%s: %d images and %s, from the %s source", out_dir, count,
-             ", ".join(p.name for p in inputs if p.suffix == ".csv"), source["source"])
+    atomic_write_json(cache_dir / SOURCE_FILE, {**where, **facts})
+    log.info("%s: %d images and %s, from the %s source (%s; recorded in %s)", out_dir, count,
+             ", ".join(p.name for p in inputs if p.suffix == ".csv"), where["source"],
+             where["local_dir"] or where["doi"] or where["url"], cache_dir / SOURCE_FILE)
 
 
 if __name__ == "__main__":

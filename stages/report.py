@@ -33,7 +33,6 @@ from stages.lib.dataset import CLASSES, SPLIT_COLUMNS, SPLITS
 from stages.lib.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_table
 from stages.lib.gradcam import GRADCAM_LAYER, gradcam_sample, gradcam_sheets
 from stages.lib.model_card import (
-    SOURCES,
     SUBGROUP_ATTRIBUTES,
     UNKNOWN,
     TrainFacts,
@@ -73,10 +72,12 @@ def load_train_facts(path: Path) -> TrainFacts:
 
 
 def read_source(path: Path) -> dict[str, Any]:
-    """download's record of where data/raw came from: {"source", "url", "doi", "local_dir", "files"}."""
+    """download's record of the files data/raw was made from: {"files": {name: {"bytes", "sha256"}}}
+    (a folder of extracted images: {"images", "bytes"})."""
     source = read_json(path, "download")
-    if not isinstance(source, dict) or source.get("source") not in SOURCES:
-        raise StageError(f"{path}: 'source' must be one of {', '.join(SOURCES)} (re-run: dvc repro download)")
+    if not isinstance(source, dict) or not isinstance(source.get("files"), dict) or not all(
+            isinstance(facts, dict) for facts in source["files"].values()):
+        raise StageError(f"{path}: must hold 'files', each file's size and sha256 (re-run: dvc repro download)")
     return source
 
 

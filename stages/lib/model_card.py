@@ -17,7 +17,6 @@ OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPE
 UNKNOWN = "unknown"
 SUBGROUP_ATTRIBUTES = ("sex", "age", "localization")  # metadata columns, where the split has them
 SUBGROUP_TITLES = {"sex": "Sex", "age": "Age band (years)", "localization": "Body site"}
-SOURCES = ("official", "mirror", "local")  # data/raw/source.json's "source"
 
 
 @dataclass(frozen=True)
@@ -94,20 +93,16 @@ def model_section(train: TrainFacts, model_facts: dict[str, Any], image_size: in
 
 
 def source_text(source: dict[str, Any]) -> str:
-    """Where data/raw came from, from download's data/raw/source.json."""
-    kind = source.get("source")
-    if kind == "official":
-        where = f"the official HAM10000 release on Harvard Dataverse ({source.get('doi')}, {source.get('url')})"
-    elif kind == "mirror":
-        where = (f"a mirror of the HAM10000 release ({source.get('url')}): the same file names, checked against "
-                 "the mirror's own checksums")
-    elif kind == "local":
-        where = f"a local folder holding the release's files (`{source.get('local_dir')}`)"
-    else:
-        where = f"an unrecorded source ({kind!r})"
-    files = source.get("files") or {}
-    listed = ", ".join(f"`{name}` (sha256 {digest[:12]}…)" for name, digest in sorted(files.items()))
-    return where + (f"; files: {listed}" if listed else "")
+    """The files data/raw was made from, from download's data/raw/source.json: each one's size and
+    sha256 (a folder of extracted images: its image count). Where they were fetched from is not
+    recorded in the data, so that the same files give the same data from any server."""
+    listed = []
+    for name, facts in sorted(source.get("files", {}).items()):
+        if facts.get("sha256"):
+            listed.append(f"`{name}` ({fmt(facts.get('bytes'))} bytes, sha256 {facts['sha256'][:12]}…)")
+        else:
+            listed.append(f"`{name}` (a folder of {fmt(facts.get('images'))} extracted images)")
+    return "the HAM10000 release files " + (", ".join(listed) or "(none recorded)")
 
 
 def excluded_text(excluded: dict[str, dict[str, Any]]) -> str:
@@ -267,11 +262,10 @@ def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame], s
     counts = everything["dx"].value_counts()
     share_nv = counts.get("nv", 0) / max(len(everything), 1)
     lines = ["## Limitations", ""]
-    if source.get("source") != "official":
-        lines.append(f"- Not the official files: this {source.get('source', 'unrecorded')} copy may hold fewer or "
-                     f"smaller images than the official release ({fmt(data.get('images'))} images after "
-                     f"de-duplication here, {OFFICIAL_IMAGES:,} at 600x450 there); results are comparable with "
-                     "published HAM10000 figures only on the official files.")
+    lines.append(f"- Which copy of the release: published HAM10000 figures are comparable only on the official "
+                 f"files ({OFFICIAL_IMAGES:,} images at 600x450); a mirror's copy may hold fewer or smaller images "
+                 f"({fmt(data.get('images'))} images after de-duplication here). The files' sha256 under Data say "
+                 "which copy this is.")
     lines += [
         f"- Low resolution: images are resized to {image_size}x{image_size} so that training runs on a CPU.",
         "- Dataset bias: dermoscopy of mostly fair-skinned patients from two sources (Vienna, Austria and "
@@ -303,7 +297,7 @@ dvc repro     # re-runs only the stages whose code, data or params changed
 `HAM10000_MIRROR=<base URL> dvc repro` fetches the images from a mirror instead of Harvard Dataverse.
 Figures here come from `metrics/val.json`, `metrics/test.json`, `metrics/plots/{val,test}/`,
 `metrics/report/summary.json` and `metrics/report/subgroups.json`; params from `params.yaml`; the
-data's origin from `data/raw/source.json`."""
+data's files from `data/raw/source.json`."""
 
 
 def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: int, data: dict[str, Any],

@@ -18,8 +18,10 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -105,6 +107,47 @@ def with_declared_size(data: bytes, size: int) -> bytes:
     return bytes(buf)
 
 
+def local_header(name: bytes, crc: int, packed: int, size: int, method: int) -> bytes:
+    return struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0x4CC1, crc, packed, size, len(name), 0) + name
+
+
+def raw_zip(entries: list[tuple[bytes, int, int, int, int, int]], body: bytes) -> bytes:
+    """`body` (local headers and data laid out by the caller), then a central directory listing
+    `entries` as (name, crc, compressed size, size, method, local header offset) and the end record."""
+    central = b"".join(struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0x4CC1, crc, packed, size,
+                                   len(name), 0, 0, 0, 0, 0o600 << 16, offset) + name
+                       for name, crc, packed, size, method, offset in entries)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(central), len(body), 0)
+    return body + central + end
+
+
+def stored_block(data: bytes) -> bytes:
+    """A non-final deflate block holding `data` as it is (the 'quote' of an overlapping zip bomb)."""
+    return b"\x00" + struct.pack("<HH", len(data), len(data) ^ 0xFFFF) + data
+
+
+def overlap_bomb(entries: int = 60, kernel_bytes: int = 1_000_000, padding: int = 14_000) -> bytes:
+    """Entries sharing one deflate stream (the overlapping zip bomb): entry i's data quotes the local
+    header of entry i + 1 in a stored block and goes on as entry i + 1's data, down to one shared
+    kernel; ~20 KB declare `entries` x ~1 MB, each entry's own ratio well under 100."""
+    noise = random.Random(0).randbytes(padding)  # keeps each entry's own ratio under the limit
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = stored_block(noise) + compressor.compress(bytes(kernel_bytes)) + compressor.flush()
+    content = noise + bytes(kernel_bytes)
+    headers, listed = [], []
+    for i in reversed(range(entries)):  # entry i's data and content, from the last entry's (the kernel)
+        name = f"ISIC_{i:07d}.jpg".encode()
+        header = local_header(name, zlib.crc32(content), len(data), len(content), zipfile.ZIP_DEFLATED)
+        headers.insert(0, header)
+        listed.insert(0, (name, zlib.crc32(content), len(data), len(content), zipfile.ZIP_DEFLATED))
+        if i:
+            data, content = stored_block(header) + data, header + content
+    offsets = [0]
+    for header in headers[:-1]:
+        offsets.append(offsets[-1] + len(header) + 5)  # the next header sits inside a 5-byte quote
+    return raw_zip([(*entry, offset) for entry, offset in zip(listed, offsets)], headers[0] + data)
+
+
 def write_params(**download_params: object) -> None:
     other_section = {"split": {"seed": 1}}
     Path("params.yaml").write_text(yaml.safe_dump({"download": {**PARAMS, **download_params}, **other_section}))
@@ -137,18 +180,24 @@ def previous_raw(workdir: Path) -> dict[str, bytes]:
 
 
 def raw_files() -> dict[str, bytes]:
-    """data/raw's data files (source.json, which names the server's port, is checked by source())."""
+    """data/raw's data files (source.json, each file's size and sha256, is checked by source())."""
     return {p.relative_to(RAW).as_posix(): p.read_bytes() for p in RAW.rglob("*")
             if p.is_file() and p.name != download.SOURCE_FILE}
 
 
 def source() -> dict:
-    """data/raw/source.json: where the files came from and their sha256."""
+    """data/raw/source.json: each file's size and sha256, nothing about where it came from."""
     return json.loads((RAW / download.SOURCE_FILE).read_text(encoding="utf-8"))
 
 
-def sha256_of(files: dict[str, bytes]) -> dict[str, str]:
-    return {name: hashlib.sha256(files[name]).hexdigest() for name in (P1, P2, META)}
+def origin() -> dict:
+    """data/downloads/source.json (untracked): where the files came from."""
+    return json.loads((CACHE / download.SOURCE_FILE).read_text(encoding="utf-8"))
+
+
+def facts_of(files: dict[str, bytes]) -> dict:
+    return {"files": {name: {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+                      for name in (P1, P2, META)}}
 
 
 def assert_unharmed(previous: dict[str, bytes]) -> None:
@@ -170,14 +219,51 @@ def test_mirror_download_extracts_images_and_caches(workdir, monkeypatch, sleeps
         use_mirror(monkeypatch, server)
         download.main()
         assert raw_files() == expected_raw()
-        assert source() == {"source": "mirror", "url": server.url.rstrip("/") + "/", "doi": None,
-                            "local_dir": None, "files": sha256_of(mirror_files())}
-        assert sorted(p.name for p in CACHE.iterdir()) == sorted([P1, P2, META])
+        assert source() == facts_of(mirror_files())
+        assert origin() == {"source": "mirror", "url": server.url, "doi": None, "local_dir": None,
+                            **facts_of(mirror_files())}
+        assert sorted(p.name for p in CACHE.iterdir()) == sorted([P1, P2, META, download.SOURCE_FILE])
         assert all(r.user_agent == download.USER_AGENT for r in server.requests)
 
         download.main()  # a second run uses the verified cache
         assert [server.count(name) for name in (P1, P2, META)] == [1, 1, 1]
     assert raw_files() == expected_raw() and sleeps == []
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_same_files_from_two_servers_or_a_folder_give_byte_identical_data_raw(workdir, monkeypatch, sleeps):
+    """data/raw (and so dvc.lock) holds no URL or port: a mirror elsewhere changes nothing."""
+    raws = []
+    with FileServer(mirror_files()) as first, FileServer(mirror_files()) as second:
+        assert first.url != second.url
+        for i, server in enumerate((first, second)):
+            use_mirror(monkeypatch, server)
+            download.main(out_dir=Path(f"run{i}/raw"), cache_dir=Path(f"run{i}/downloads"))
+            raws.append(tree(Path(f"run{i}/raw")))
+            assert json.loads(Path(f"run{i}/downloads/source.json").read_text())["url"] == server.url
+    local = Path("local")
+    local.mkdir()
+    for name, data in release().items():
+        (local / name).write_bytes(data)
+    monkeypatch.delenv(download.MIRROR_ENV)
+    write_params(local_dir=str(local))
+    download.main(out_dir=Path("run2/raw"), cache_dir=Path("run2/downloads"))
+    raws.append(tree(Path("run2/raw")))
+    assert raws[0] == raws[1] == raws[2] and download.SOURCE_FILE in raws[0]
+    assert json.loads(raws[0][download.SOURCE_FILE]) == facts_of(release())
+
+
+def test_download_progress_is_logged_through_the_shared_progress(workdir, monkeypatch, sleeps, caplog):
+    monkeypatch.setenv("STAGES_PROGRESS", "log")
+    files = mirror_files()
+    with FileServer(files) as server, caplog.at_level("INFO", logger="stages.download"):
+        use_mirror(monkeypatch, server)
+        download.main()
+    size = len(files[P1])
+    assert f"download {P1}: {size}/{size} bytes (100%)" in caplog.text
 
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["206", "range-ignored"])
@@ -341,8 +427,9 @@ def test_dataverse_resolves_names_and_fetches_originals(workdir, sleeps):
     assert sorted(fetched) == [("api/access/datafile/11", ""), ("api/access/datafile/12", ""),
                                ("api/access/datafile/13", "format=original")]
     assert raw_files() == expected_raw()
-    assert source() == {"source": "official", "url": server.url, "doi": PARAMS["dataset_doi"], "local_dir": None,
-                        "files": sha256_of(release())}
+    assert source() == facts_of(release())
+    assert origin() == {"source": "official", "url": server.url, "doi": PARAMS["dataset_doi"], "local_dir": None,
+                        **facts_of(release())}
 
 
 def test_dataverse_checksum_mismatch_names_expected_and_actual(previous_raw, sleeps):
@@ -372,9 +459,9 @@ def test_local_dir_with_the_release_files(workdir, sleeps):
     write_params(local_dir=str(local))
     download.main()
     assert raw_files() == expected_raw()
-    assert source() == {"source": "local", "url": None, "doi": None, "local_dir": str(local),
-                        "files": sha256_of(release())}
-    assert not CACHE.exists()
+    assert source() == facts_of(release())
+    assert origin() == {"source": "local", "url": None, "doi": None, "local_dir": str(local), **facts_of(release())}
+    assert [p.name for p in CACHE.iterdir()] == [download.SOURCE_FILE], "nothing downloaded"
 
 
 def test_local_dir_with_kaggle_folders(workdir, sleeps):
@@ -388,7 +475,9 @@ def test_local_dir_with_kaggle_folders(workdir, sleeps):
     write_params(local_dir=str(local))
     download.main()
     assert raw_files() == expected_raw()
-    assert source()["files"] == {P1: None, P2: None, META: hashlib.sha256(CSV).hexdigest()}  # folders: no file
+    assert source()["files"] == {P1: {"images": 3, "bytes": sum(len(jpeg(i)) for i in (1, 2, 3))},
+                                 P2: {"images": 2, "bytes": len(jpeg(4)) + len(jpeg(5))},
+                                 META: facts_of(release())["files"][META]}  # a folder: its images
 
 
 def test_other_jpeg_suffixes_become_jpg_as_later_stages_read_them(workdir, sleeps):
@@ -419,6 +508,23 @@ def symlink_zip() -> bytes:
     return make_zip([(info, b"/etc/passwd")])
 
 
+def overlapping_pair() -> bytes:
+    """Two stored entries whose data overlap: the first entry's data is the second entry, header and all."""
+    inner, name_a, name_b = jpeg(2), b"ISIC_0000001.jpg", b"ISIC_0000002.jpg"
+    header_b = local_header(name_b, zlib.crc32(inner), len(inner), len(inner), zipfile.ZIP_STORED)
+    outer = header_b + inner
+    header_a = local_header(name_a, zlib.crc32(outer), len(outer), len(outer), zipfile.ZIP_STORED)
+    return raw_zip([(name_a, zlib.crc32(outer), len(outer), len(outer), zipfile.ZIP_STORED, 0),
+                    (name_b, zlib.crc32(inner), len(inner), len(inner), zipfile.ZIP_STORED, len(header_a))],
+                   header_a + outer)
+
+
+def with_local_header(data: bytes, offset: int, value: bytes) -> bytes:
+    """The same zip, its first local header changed at `offset` (the central directory unchanged)."""
+    return data[:offset] + value + data[offset + len(value):]
+
+
+ONE = make_zip({"ISIC_0000001.jpg": jpeg(1)})
 HOSTILE = {
     "dot-dot": (make_zip({"../evil.jpg": jpeg(1)}), {}, "'../evil.jpg' refused: '..' path component"),
     "absolute": (make_zip({"/abs.jpg": jpeg(1)}), {}, "'/abs.jpg' refused: absolute path"),
@@ -434,6 +540,20 @@ HOSTILE = {
                   "'ISIC_1.jpg' refused: duplicate name"),
     "lying-header": (with_declared_size(make_zip({"ISIC_lie.jpg": jpeg(1)}), 10), {},
                      "'ISIC_lie.jpg' does not match its declared size"),
+    "overlap-bomb": (overlap_bomb(), {},
+                     r"declares 60,921,420 bytes of images in an archive of 2\d,\d{3} bytes, ratio \d+ over "
+                     "max_compression_ratio 100 .a zip bomb"),
+    "overlap-bomb-under-a-loose-ratio": (overlap_bomb(), {"max_compression_ratio": 1_000_000},
+                                         "refused: entries 'ISIC_0000000.jpg' and 'ISIC_0000001.jpg' overlap"),
+    "overlapping-entries": (overlapping_pair(), {},
+                            "refused: entries 'ISIC_0000001.jpg' and 'ISIC_0000002.jpg' overlap"),
+    "local-header-name": (with_local_header(ONE, 30, b"ISIC_0000009"), {},
+                          "refused: entry 'ISIC_0000001.jpg': local header names 'ISIC_0000009.jpg'"),
+    "local-header-method": (with_local_header(ONE, 8, struct.pack("<H", zipfile.ZIP_DEFLATED)), {},
+                            "entry 'ISIC_0000001.jpg': local header's compression method 8 differs from the "
+                            "central directory's 0"),
+    "local-header-size": (with_local_header(ONE, 18, struct.pack("<I", 10)), {},
+                          "entry 'ISIC_0000001.jpg': local header's compressed size 10 differs"),
     "same-image-in-both-parts": (make_zip({"ISIC_0000004.jpg": jpeg(4)}), {},
                                  "ISIC_0000004.jpg would overwrite"),
     "same-image-as-jpg-and-jpeg": (make_zip({"ISIC_0000001.jpg": jpeg(1), "ISIC_0000001.jpeg": jpeg(2)}), {},
@@ -455,6 +575,29 @@ def test_hostile_archive_is_refused(previous_raw, archive, params, message):
     assert (local / P1).read_bytes() == archive, "a file in local_dir is never deleted"
     assert not [p for p in Path.cwd().parent.rglob("*") if p.name in ("evil.jpg", "abs.jpg")]
     assert not Path("/abs.jpg").exists()
+
+
+def test_a_refused_download_names_its_path_in_the_cache_and_stays_there(previous_raw, monkeypatch, sleeps):
+    files = {**release(), P1: overlapping_pair()}
+    with FileServer({**files, "SHA256SUMS": sha256sums(files)}) as server:
+        use_mirror(monkeypatch, server)
+        with pytest.raises(StageError, match=rf"^{CACHE / P1}: refused: entries .* overlap"):
+            download.main()
+    assert (CACHE / P1).read_bytes() == overlapping_pair(), "kept where the message says, to be inspected"
+    assert_unharmed(previous_raw)
+
+
+def test_the_official_archives_pass_the_default_limits():
+    """An archive like the official ones (JPEGs stored, ~1:1) passes the limits params.yaml sets:
+    600x450 JPEGs at most 0.3 MB, ~1.4 GB per archive, are well inside them."""
+    limits = download.load_params("download", download.DownloadParams, ROOT / "params.yaml").limits
+    official = [zipfile.ZipInfo(f"HAM10000_images_part_1/ISIC_{i:07d}.jpg") for i in range(5000)]
+    for info in official:
+        info.file_size, info.compress_size = 290_000, 289_000  # the largest images, all of them
+    archive_bytes = 5000 * (289_000 + 100)
+    assert len(download.plan_archive(official, Path(P1), limits, archive_bytes)) == 5000
+    assert limits.max_entry_bytes >= 10 * 300_000 and limits.max_total_bytes >= 2 * 1_500_000_000
+    assert limits.max_total_bytes <= 5_000_000_000 and limits.max_compression_ratio <= 20, "sized to the data"
 
 
 def test_copy_entry_stops_at_the_declared_size():
@@ -485,7 +628,7 @@ def test_interrupted_extraction_keeps_previous_output(previous_raw, monkeypatch,
     assert_unharmed(previous_raw)
 
     monkeypatch.setattr(download, "copy_entry", real_copy)
-    killed = Path("data/.raw.killed.tmp")  # what a SIGKILL mid-extraction leaves behind
+    killed = Path(f"data/.raw.run{dead_pid()}.x1y2z3.tmp")  # what a SIGKILL mid-extraction leaves behind
     (killed / "images").mkdir(parents=True)
     download.main()
     assert raw_files() == expected_raw()
@@ -506,6 +649,44 @@ def test_params_errors_name_the_key(previous_raw, change, message):
     write_params(**change)
     with pytest.raises(ParamError, match=message):
         download.main()
+    assert_unharmed(previous_raw)
+
+
+def no_name_resolution(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A machine without network or DNS: every name lookup fails as getaddrinfo does offline."""
+    looked_up: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_offline_without_mirror_fails_at_once_naming_the_mirror_and_local_dir(previous_raw, monkeypatch, sleeps):
+    looked_up = no_name_resolution(monkeypatch)
+    started = time.monotonic()
+    with pytest.raises(download.UnresolvableHostError) as offline:
+        download.main()
+    assert time.monotonic() - started < 5 and sleeps == [] and looked_up == ["dataverse.harvard.edu"], "no retry"
+    message = str(offline.value)
+    assert message.startswith("https://dataverse.harvard.edu/api/datasets/") and "cannot resolve host " \
+        "dataverse.harvard.edu (Temporary failure in name resolution)" in message
+    assert download.MIRROR_ENV in message and "download.local_dir" in message
+    assert_unharmed(previous_raw)
+
+
+def test_offline_mirror_keeps_the_partial_download(previous_raw, monkeypatch, sleeps):
+    CACHE.mkdir()
+    (CACHE / f"{P1}.part").write_bytes(b"PK\x03\x04 first bytes")
+    monkeypatch.setenv(download.MIRROR_ENV, "https://mirror.example.org/ham/")
+    monkeypatch.setattr(download, "resolve_mirror", lambda base, params: download.mirror_remotes(
+        base, params.files, None, base + download.SUMS_FILE))
+    no_name_resolution(monkeypatch)
+    with pytest.raises(download.UnresolvableHostError, match=f"cannot resolve host mirror.example.org .*"
+                                                             f"{download.MIRROR_ENV}=<base URL>"):
+        download.main()
+    assert sleeps == [] and (CACHE / f"{P1}.part").read_bytes() == b"PK\x03\x04 first bytes", "kept for later"
     assert_unharmed(previous_raw)
 
 
@@ -561,6 +742,13 @@ def test_disk_full_during_extraction_keeps_downloads_and_previous_output(previou
         download.main()  # space freed: the next run extracts from the cache, fetching nothing
         assert [server.count(name) for name in (P1, P2, META)] == [1, 1, 1]
     assert raw_files() == expected_raw()
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    return int(ended.stdout)
 
 
 def run_until_killed(code: str, ready: str, **env: str) -> None:
@@ -624,9 +812,10 @@ class HangAfterFirstChunk:
     def __enter__(self): return self
     def __exit__(self, *exc): pass
     def update(self, n):
-        print("downloading", flush=True)
-        time.sleep(120)
-download.tqdm = HangAfterFirstChunk
+        if n:  # 0: the resumed bytes of a .part, none on the first run
+            print("downloading", flush=True)
+            time.sleep(120)
+download.Progress = HangAfterFirstChunk
 download.main()
 """
 

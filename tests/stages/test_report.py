@@ -18,8 +18,8 @@ from tests.fixtures import write_params
 
 TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "calibration_bins": 5, "age_bands": [30, 60],
                "min_group_size": 5}
-SOURCE = {"source": "mirror", "url": "http://127.0.0.1:8765/", "doi": None, "local_dir": None,
-          "files": {"HAM10000_metadata.csv": "ab" * 32, "HAM10000_images_part_1.zip": "cd" * 32}}
+SOURCE = {"files": {"HAM10000_metadata.csv": {"bytes": 563_000, "sha256": "ab" * 32},
+                    "HAM10000_images_part_1.zip": {"bytes": 1_400_000_000, "sha256": "cd" * 32}}}
 
 
 def evidence_model():
@@ -278,34 +278,29 @@ def test_model_card_has_the_required_sections_and_class_names(report_runs):
     assert "no image file: 2" in card
 
 
-def test_model_card_says_where_the_data_came_from(report_runs):
+def test_model_card_names_the_files_the_data_came_from(report_runs):
     card = (report_runs[0] / "model_card.md").read_text()
     data = card.split("## Data")[1].split("##")[0]
-    assert "a mirror of the HAM10000 release (http://127.0.0.1:8765/)" in data
-    assert "`HAM10000_metadata.csv` (sha256 abababababab…)" in data
-    assert "Not the official files: this mirror copy" in card
+    assert ("the HAM10000 release files `HAM10000_images_part_1.zip` (1,400,000,000 bytes, sha256 cdcdcdcdcdcd…), "
+            "`HAM10000_metadata.csv` (563,000 bytes, sha256 abababababab…)") in data
+    assert "127.0.0.1" not in card and "published HAM10000 figures are comparable only on the official" in card
 
 
-@pytest.mark.parametrize("source, expected", [
-    ({"source": "official", "url": "https://dataverse.harvard.edu", "doi": "doi:10.7910/DVN/DBW86T", "files": {}},
-     "the official HAM10000 release on Harvard Dataverse (doi:10.7910/DVN/DBW86T, https://dataverse.harvard.edu)"),
-    ({"source": "local", "local_dir": "/data/ham", "files": {}},
-     "a local folder holding the release's files (`/data/ham`)"),
-], ids=["official", "local"])
-def test_source_wording(source, expected):
-    from stages import model_card
+def test_source_wording_of_a_folder_of_extracted_images():
+    from stages.lib import model_card
 
-    assert model_card.source_text(source) == expected
-    limitations = model_card.limitations_section({"images": 10}, {s: pd.DataFrame({"dx": ["nv"]}) for s in
-                                                                  ("train", "val", "test")}, source, 128)
-    assert ("Not the official files" in limitations) == (source["source"] != "official")
+    source = {"files": {"HAM10000_images_part_1": {"images": 5000, "bytes": 1_300_000_000}}}
+    assert model_card.source_text(source) == ("the HAM10000 release files `HAM10000_images_part_1` "
+                                              "(a folder of 5,000 extracted images)")
 
 
-def test_a_missing_or_unknown_source_record_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("text", ['{"source": "mirror", "url": "http://x/"}', '{"files": {"a.zip": "ab"}}'],
+                         ids=["old-record", "bare-digest"])
+def test_a_missing_or_unknown_source_record_is_a_clear_error(tmp_path, text):
     from stages.lib.cli import StageError
 
     with pytest.raises(StageError, match=r"source.json: not found \(.*download"):
         report.read_source(tmp_path / "source.json")
-    (tmp_path / "source.json").write_text('{"source": "ftp"}')
-    with pytest.raises(StageError, match="'source' must be one of official, mirror, local"):
+    (tmp_path / "source.json").write_text(text)
+    with pytest.raises(StageError, match="source.json: must hold 'files', each file's size and sha256 .*download"):
         report.read_source(tmp_path / "source.json")
