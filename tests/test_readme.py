@@ -223,3 +223,19 @@ def test_table_parser_can_fail(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "README", bad)
     with pytest.raises(AssertionError):
         test_results_match_committed_metrics("balanced accuracy (95% CI)")
+
+
+def test_figures_read_either_metrics_layout(monkeypatch, tmp_path):
+    """The CI as a list or as _low/_high keys, ECE in report/summary.json or in calibration."""
+    old = {"balanced_accuracy_ci95": [0.61, 0.72]}
+    new = {"balanced_accuracy_ci95_low": 0.61, "balanced_accuracy_ci95_high": 0.72, "calibration": {"ece": 0.05}}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "summary.json").write_text(json.dumps({"ece": 0.05}), encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "METRICS", tmp_path)
+    ci_low, ci_high = FIGURES["balanced accuracy (95% CI)"][1:]
+    ece, = FIGURES["expected calibration error"]
+    for layout in (old, new):
+        (tmp_path / "test.json").write_text(json.dumps(layout), encoding="utf-8")
+        (tmp_path / "val.json").write_text(json.dumps(layout), encoding="utf-8")
+        assert (figure("test", ci_low), figure("test", ci_high), figure("test", ece)) == (0.61, 0.72, 0.05)
+        assert figure("val", ece) == (0.05 if layout is new else None)  # report/ is the test split's
