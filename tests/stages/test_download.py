@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 
 import stages.download as download
-from stages.lib.cli import ParamError, StageError
+from stages.lib.cli import ParamError, StageError, run_stage
 from tests.http_fixtures import FileServer
 
 P1, P2, META = "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip", "HAM10000_metadata.csv"
@@ -719,7 +719,8 @@ def test_dropped_connection_after_the_last_retry_resumes_on_the_next_run(previou
     assert raw_files() == expected_raw() and sleeps == []
 
 
-def test_disk_full_during_extraction_keeps_downloads_and_previous_output(previous_raw, monkeypatch, sleeps):
+def test_disk_full_during_extraction_keeps_downloads_and_previous_output(previous_raw, monkeypatch, sleeps,
+                                                                        capsys):
     real_copy, calls = download.copy_entry, []
 
     def copy_until_disk_full(src, dst, declared):
@@ -732,9 +733,11 @@ def test_disk_full_during_extraction_keeps_downloads_and_previous_output(previou
     with FileServer(mirror_files()) as server:
         use_mirror(monkeypatch, server)
         monkeypatch.setattr(download, "copy_entry", copy_until_disk_full)
-        with pytest.raises(OSError) as full:
-            download.main()
-        assert full.value.errno == errno.ENOSPC and "No space left on device" in str(full.value)
+        with pytest.raises(SystemExit) as full:
+            run_stage(download.main, [])  # as `python -m stages.download` runs it
+        assert full.value.code == 1
+        assert capsys.readouterr().err == (f"error: [Errno {errno.ENOSPC}] No space left on device "
+                                           "(outputs left as they were before this run)\n"), "one line, no traceback"
         assert_unharmed(previous_raw)  # no half-extracted data/raw, no temporary folder left
         assert {p.name for p in CACHE.iterdir()} == {P1, P2, META}, "verified downloads are kept"
 
