@@ -392,14 +392,3 @@ def test_dvc_artifacts_get_fetches_a_model_from_the_remote(tmp_path):
     run(sys.executable, "-m", "dvc", "artifacts", "get", str(repo), name, "--rev", "v1.0.0", "-o", str(out),
         cwd=tmp_path)
     assert out.read_bytes() == b"weights" * 100
-
-
-def test_the_offline_page_inlines_vega_instead_of_loading_it_from_a_cdn(rendered, tmp_path):
-    repo, _ = rendered
-    script = ROOT / ".ci" / "plots_offline.py"
-    done = subprocess.run([sys.executable, str(script), "show", "-o", str(tmp_path / "page")], cwd=repo, env=ENV,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    page = (tmp_path / "page" / "index.html").read_text(encoding="utf-8")
-    assert "window.vegaEmbed=" in page and "vegaEmbed('#" in page
-    assert "<script src=" not in page, "nothing is loaded from the network"
