@@ -6,8 +6,7 @@
   image with vl-convert (no browser), on small files in the formats the stages write; the
   normalised confusion matrix's rows (true classes) sum to 1; curves have one colour per class
   and a chance line; no plot is drawn twice.
-- `artifacts:` names the Keras and TFLite models, and `dvc artifacts get` fetches one from a
-  repository's remote.
+- `artifacts:` names the Keras and TFLite models (tests/test_remote.py fetches one from a remote).
 - Each stage's `params:` lists, key by key, exactly the params.yaml keys its code reads (derived
   from its `load_params` / `from_dict` calls), less RESULT_NEUTRAL: keys that change no output, so
   that changing one re-runs nothing.
@@ -367,28 +366,3 @@ def test_artifacts_name_the_keras_and_tflite_models():
         assert "not a medical device" in artifact["desc"].lower(), name
 
 
-def test_dvc_artifacts_get_fetches_a_model_from_the_remote(tmp_path):
-    """As README says: a repository with a remote; `dvc artifacts get <repo> <name>` downloads the file."""
-    repo, storage = tmp_path / "repo", tmp_path / "storage"
-    repo.mkdir()
-
-    def run(*cmd, cwd=repo):
-        subprocess.run(cmd, cwd=cwd, check=True, env=ENV, capture_output=True)
-
-    run("git", "init", "-q")
-    run(sys.executable, "-m", "dvc", "init", "-q")
-    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", str(storage))
-    (repo / "models").mkdir()
-    (repo / "models" / "model.keras").write_bytes(b"weights" * 100)
-    run(sys.executable, "-m", "dvc", "add", "models/model.keras")
-    name = next(n for n, a in DVC_YAML["artifacts"].items() if a["path"] == "models/model.keras")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {name: DVC_YAML["artifacts"][name]}}))
-    run(sys.executable, "-m", "dvc", "push", "-q")
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "model")
-    # a registered version: an annotated tag, as `gto register` or DVC Studio writes it
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", f"{name}@v1.0.0", "-m", "v1.0.0")
-    out = tmp_path / "fetched.keras"
-    run(sys.executable, "-m", "dvc", "artifacts", "get", str(repo), name, "--rev", "v1.0.0", "-o", str(out),
-        cwd=tmp_path)
-    assert out.read_bytes() == b"weights" * 100
