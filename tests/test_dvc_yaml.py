@@ -364,5 +364,3 @@ def test_artifacts_name_the_keras_and_tflite_models():
     for name, artifact in artifacts.items():
         assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"], name
         assert "not a medical device" in artifact["desc"].lower(), name
-
-
