@@ -197,8 +197,8 @@ def freeze_batchnorm(model) -> None:
     """Keep every BatchNormalization layer in inference mode with its ImageNet statistics.
 
     Unfrozen, their moving statistics chase each small batch of a very different, class-weighted
-    distribution; validation scores then swing from epoch to epoch (seen on HAM10000: 0.62, 0.52,
-    0.50). Frozen, the convolutions adapt while the normalisation stays stable.
+    distribution, and validation scores swing from epoch to epoch. Frozen, the convolutions adapt
+    while the normalisation stays stable.
     """
     import keras
 
