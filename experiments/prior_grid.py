@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 
 from experiments.score_seeds import mean_sd  # noqa: E402
-from stages.evaluate import EvaluateParams, choose_decision, corrected_ba, lesion_groups, real_train_labels  # noqa: E402
+from stages.evaluate import (  # noqa: E402
+    EvaluateParams,
+    choose_decision,
+    corrected_ba,
+    lesion_group_of_each_image,
+    real_train_labels,
+)
 from stages.lib.files import atomic_write_json  # noqa: E402
 from stages.lib.inference import prior_bias  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
@@ -75,7 +81,8 @@ def main() -> None:
     candidate = dataclasses.replace(committed, prior_strengths=list(args.grid))
     train_labels = real_train_labels(args.data)
     _, val_labels, val_ids = read_shards(args.data, "val")
-    halvings = lesion_halvings(lesion_groups(args.split_dir, "val", val_ids), args.halvings, committed.seed)
+    groups = lesion_group_of_each_image(args.split_dir, "val", val_ids)
+    halvings = lesion_halvings(groups, args.halvings, committed.seed)
     rows = {}
     for run in args.runs:
         data = np.load(run)

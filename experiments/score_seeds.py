@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
 from stages.lib.files import atomic_write_json  # noqa: E402
-from stages.lib.inference import corrected  # noqa: E402
+from stages.lib.inference import corrected, decide  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
 
 FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
@@ -61,7 +61,7 @@ def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> di
         adjusted = corrected(proba[split], decision.class_bias)
         metrics, _ = classification_metrics(labels[split], adjusted)
         row[split] = {name: metrics[name] for name in FIGURES}
-        row[split]["operating_point"] = operating_point(labels[split], adjusted, decision.mel_threshold)
+        row[split]["operating_point"] = operating_point(labels[split], decide(adjusted, decision.mel_threshold))
         plain, _ = classification_metrics(labels[split], data[f"{split}_none"])
         row[split]["balanced_accuracy_plain"] = plain["balanced_accuracy"]  # no flips, no correction
     return row

@@ -1,22 +1,21 @@
 """Stage `evaluate`: choose the decision rule on validation, then score validation and test with it.
 
-Balanced multiclass accuracy (mean per-class recall, the ISIC 2018 ranking metric) comes first:
-plain accuracy mostly measures `nv`, two thirds of the images. Every figure is computed with
-scikit-learn from the model's probabilities; plots are written as small CSV tables that
-`dvc plots show` / `dvc plots diff` draw with the class names on them.
-
-Everything that turns probabilities into answers is chosen on **validation only** and written to
-`models/decision.json`, which `predict` applies too (see stages/lib/inference.py): test-time flips
-(a param), the class-prior correction strength (the candidate with the best validation balanced
-accuracy) and the melanoma threshold (the highest one whose validation sensitivity reaches
-`mel_sensitivity_target`). Test is then scored with that fixed rule. Test is also read by
-`report` (model card, Grad-CAM) and `export` (agreement of the exported files), never to choose.
-
-Uncertainty: `balanced_accuracy_ci95` is a percentile bootstrap that resamples whole lesion
-groups (images of one lesion are not independent), `bootstrap_samples` times, seeded.
+Balanced accuracy (mean per-class recall, ISIC 2018's ranking metric) leads: plain accuracy
+mostly measures `nv`. Everything that turns model outputs into answers is chosen on **validation
+only** and stored in models/decision.json + models/ood.npz (stages/lib/inference.py): the
+class-prior strength (best balanced accuracy), the melanoma threshold (the highest that reaches
+`mel_sensitivity_target`), the calibration temperature of the shown probabilities (NLL) and the
+out-of-distribution threshold (keeps `ood_keep` of validation lesions; Gaussians fitted on
+training features). Every figure comes from inference.judge, the computation predict and the
+web page use. Test is then scored with that fixed rule, unless `score_test` is false (seed
+sweeps): metrics/test.json is then {"scored": false} and test is not read at all.
+Outputs: metrics/{val,test}.json (headline figures, all scalars), metrics/plots/{split}/ (CSV
+tables `dvc plots` draws, incl. calibration.csv, non_lesions.csv). Intervals: a lesion-group
+bootstrap. Measurements: docs/experiments.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +23,29 @@ from typing import Literal
 
 import numpy as np
 
+from stages.lib import ood
+from stages.lib.calibration import BINS, CURVES, calibration_figures, fit_temperature, top_class_table
 from stages.lib.cli import StageError, run_stage
 from stages.lib.dataset import CLASSES, MELANOMA
-from stages.lib.files import atomic_write_json, atomic_write_text, read_table
+from stages.lib.files import atomic_dir, atomic_write_json, atomic_write_text, read_table
 from stages.lib.inference import (
     Decision,
+    Judgement,
+    class_shares,
     corrected,
-    decide,
-    predict_proba,
+    feature_model,
+    judge,
+    model_outputs,
     prior_bias,
     threshold_for_sensitivity,
 )
+from stages.lib.non_lesions import non_lesion_images
 from stages.lib.params import PARAMS_FILE, in_range, load_params
-from stages.lib.shards import read_index, read_shards
+from stages.lib.shards import is_copy, read_index, read_shards
 
 log = logging.getLogger("stages.evaluate")
 CURVE_POINTS = 101  # ROC and PR curves are sampled on a common grid, one column per class
+NEVUS = CLASSES.index("nv")
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,18 @@ class EvaluateParams:
     tta: Literal["none", "flips"]       # test-time augmentation: mean over the 4 flips
     prior_strengths: list[float]        # candidates for the class-prior correction; [0.0] turns it off
     mel_sensitivity_target: float       # the melanoma threshold is chosen on val to reach this
-    bootstrap_samples: int              # lesion-group bootstrap for balanced_accuracy_ci95
+    bootstrap_samples: int              # lesion-group bootstrap for the balanced accuracy interval
     seed: int
+    ood_keep: float = 0.97              # share of validation lesions the out-of-distribution threshold keeps
+    ood_fit_images: int = 3000          # real training images (seeded draw) the class Gaussians are fitted on
+    score_test: bool = True             # false: test is not read (seed sweeps); test.json says {"scored": false}
 
     def __post_init__(self) -> None:
         in_range("batch_size", self.batch_size, 1)
         in_range("mel_sensitivity_target", self.mel_sensitivity_target, 0, 1, lo_open=True)
         in_range("bootstrap_samples", self.bootstrap_samples, 100)
+        in_range("ood_keep", self.ood_keep, 0.5, 1)
+        in_range("ood_fit_images", self.ood_fit_images, 2 * len(CLASSES))
         if not self.prior_strengths:
             raise ValueError("prior_strengths must list at least one value (0.0: no correction)")
         for strength in self.prior_strengths:
@@ -122,7 +133,7 @@ def per_class_table(per_class: dict) -> str:
 
 
 def balanced_accuracy_ci(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray, samples: int,
-                         seed: int) -> list[float]:
+                         seed: int) -> tuple[float, float]:
     """95% percentile interval of balanced accuracy, resampling lesion groups with replacement.
 
     Each bootstrap sample draws as many groups as there are, with replacement; an image counts as
@@ -143,19 +154,21 @@ def balanced_accuracy_ci(labels: np.ndarray, predicted: np.ndarray, groups: np.n
         hits = weight[:, in_class] @ correct[in_class]
         recalls.append(np.where(total > 0, hits / np.maximum(total, 1e-12), np.nan))
     scores = np.nanmean(np.stack(recalls), axis=0)
-    return [float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))]
+    return float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))
 
 
-def operating_point(labels: np.ndarray, proba: np.ndarray, mel_threshold: float) -> dict:
-    """Figures of the decision rule "mel if p(mel) >= threshold, else the top class"."""
+def operating_point(labels: np.ndarray, decided: np.ndarray) -> dict:
+    """Figures of the decisions at the operating point ("mel" if p(mel) >= threshold, else the top
+    class): melanoma sensitivity, specificity against the six other classes and against nevi only
+    (the confusion that matters most: a nevus called melanoma), balanced accuracy."""
     from sklearn.metrics import balanced_accuracy_score
 
-    decided = decide(proba, mel_threshold)
     mel_sensitivity, mel_specificity = melanoma_rates(labels, decided)
+    nevi = labels == NEVUS
     return {
-        "mel_threshold": float(mel_threshold),
         "mel_sensitivity": mel_sensitivity,
         "mel_specificity": mel_specificity,
+        "mel_specificity_nv": float(np.mean(decided[nevi] != MELANOMA)) if nevi.any() else None,
         "balanced_accuracy": float(balanced_accuracy_score(labels, decided)),
     }
 
@@ -181,6 +194,29 @@ def choose_decision(params: EvaluateParams, val_labels: np.ndarray, val_proba: n
                                           params.mel_sensitivity_target)
     return Decision(tta=params.tta, class_bias=tuple(float(b) for b in bias), prior_strength=float(strength),
                     mel_threshold=threshold, mel_sensitivity_target=params.mel_sensitivity_target)
+
+
+def with_shown_and_ood(decision: Decision, params: EvaluateParams, val_labels: np.ndarray, val_proba: np.ndarray,
+                       val_features: np.ndarray, train_labels: np.ndarray, fit_labels: np.ndarray,
+                       fit_features: np.ndarray) -> Decision:
+    """The rule plus what is shown and when the answer is "unknown", all from validation and training:
+    the temperature (NLL on validation, with the real training class shares as the stated prior)
+    and the out-of-distribution detector (Gaussians on training features, threshold on validation)."""
+    prior = class_shares(train_labels)
+    detector = ood.fit(fit_features, fit_labels, val_features, params.ood_keep, len(CLASSES))
+    return dataclasses.replace(decision, temperature=fit_temperature(val_labels, val_proba, prior),
+                               class_prior=tuple(float(p) for p in prior), ood=detector)
+
+
+def reliability_csv(labels: np.ndarray, shown: np.ndarray, uncalibrated: np.ndarray) -> str:
+    """The reliability diagram of both curves (column `probabilities`: calibrated or uncalibrated),
+    top class, equal-width bins: bin, mean confidence, accuracy and count."""
+    import pandas as pd
+
+    tables = [top_class_table(labels, proba, BINS).assign(probabilities=curve)
+              for curve, proba in zip(CURVES, (shown, uncalibrated))]
+    table = pd.concat(tables, ignore_index=True)[["probabilities", "bin", "confidence", "accuracy", "count"]]
+    return table.round({"confidence": 4, "accuracy": 4}).to_csv(index=False, lineterminator="\n")
 
 
 def roc_table(labels: np.ndarray, proba: np.ndarray) -> str:
@@ -223,11 +259,17 @@ def pr_table(labels: np.ndarray, proba: np.ndarray) -> str:
     return "\n".join(rows) + "\n"
 
 
-def predictions_table(image_ids: np.ndarray, labels: np.ndarray, proba: np.ndarray) -> str:
-    """Per image: actual and predicted class by name (DVC's confusion plots read these columns)."""
+def predictions_table(image_ids: np.ndarray, labels: np.ndarray, proba: np.ndarray,
+                      shown: np.ndarray | None = None) -> str:
+    """Per image: actual and predicted class by name (DVC's confusion plots read these columns).
+
+    `predicted` is the top class of `proba` (the prior-corrected probabilities that decide);
+    `probability` is its probability as people are shown it (`shown`, calibrated; default `proba`).
+    """
     predicted = proba.argmax(axis=1)
+    shown = proba if shown is None else shown
     rows = ["image_id,actual,predicted,probability"]
-    rows += [f"{i},{CLASSES[a]},{CLASSES[p]},{proba[n, p]:.4f}"
+    rows += [f"{i},{CLASSES[a]},{CLASSES[p]},{shown[n, p]:.4f}"
              for n, (i, a, p) in enumerate(zip(image_ids, labels, predicted))]
     return "\n".join(rows) + "\n"
 
@@ -239,8 +281,8 @@ def real_train_labels(data_dir: Path) -> np.ndarray:
     return np.repeat(np.arange(len(CLASSES)), [real[dx] for dx in CLASSES])
 
 
-def lesion_groups(split_dir: Path, split: str, image_ids: np.ndarray) -> np.ndarray:
-    """The lesion group of each image, in shard order (from split's CSV)."""
+def lesion_group_of_each_image(split_dir: Path, split: str, image_ids: np.ndarray) -> np.ndarray:
+    """The lesion group of each image, in shard order, looked up in split's CSV."""
     table = read_table(Path(split_dir) / f"{split}.csv", required=("image_id", "lesion_group"))
     group_of = dict(zip(table["image_id"], table["lesion_group"]))
     missing = [i for i in image_ids if i not in group_of]
@@ -250,51 +292,114 @@ def lesion_groups(split_dir: Path, split: str, image_ids: np.ndarray) -> np.ndar
     return np.array([group_of[i] for i in image_ids])
 
 
-def score_split(split: str, labels: np.ndarray, proba: np.ndarray, groups: np.ndarray, image_ids: np.ndarray,
-                decision: Decision, params: EvaluateParams, plots_dir: Path) -> dict:
-    """Metrics of one split under the fixed decision rule; writes its plot tables."""
-    metrics, per_class = classification_metrics(labels, proba)
-    metrics["balanced_accuracy_ci95"] = balanced_accuracy_ci(
-        labels, proba.argmax(axis=1), groups, params.bootstrap_samples, params.seed)
-    metrics["operating_point"] = operating_point(labels, proba, decision.mel_threshold)
-    out = plots_dir / split
-    atomic_write_text(out / "predictions.csv", predictions_table(image_ids, labels, proba))
-    atomic_write_text(out / "roc.csv", roc_table(labels, proba))
-    atomic_write_text(out / "precision_recall.csv", pr_table(labels, proba))
-    atomic_write_text(out / "per_class.csv", per_class_table(per_class))
-    log.info("%s: balanced accuracy %.4f (95%% CI %.3f-%.3f), melanoma sensitivity %.4f; at the operating "
-             "point %.4f / specificity %.4f (%d images)", split, metrics["balanced_accuracy"],
-             *metrics["balanced_accuracy_ci95"], metrics["mel_sensitivity"],
-             metrics["operating_point"]["mel_sensitivity"], metrics["operating_point"]["mel_specificity"], len(labels))
-    return metrics
+def fit_sample(data_dir: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of `count` real training images drawn with `seed` (all, when fewer)."""
+    images, labels, image_ids = read_shards(data_dir, "train")
+    real = np.flatnonzero([not is_copy(i) for i in image_ids])
+    picked = np.sort(np.random.default_rng(seed).choice(real, size=min(count, len(real)), replace=False))
+    return images[picked], labels[picked]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One split's labels, model outputs and lesion groups."""
+
+    labels: np.ndarray
+    proba: np.ndarray      # the model's probabilities (mean over the test-time views), uncalibrated
+    features: np.ndarray   # pooled features, for the out-of-distribution score
+    groups: np.ndarray
+    image_ids: np.ndarray
+
+
+def split_metrics(data: Scored, judged: Judgement, params: EvaluateParams) -> tuple[dict, dict[str, str]]:
+    """(metrics, plot tables by file name) of one split under the fixed decision rule."""
+    metrics, per_class = classification_metrics(data.labels, judged.corrected)
+    low, high = balanced_accuracy_ci(data.labels, judged.corrected.argmax(axis=1), data.groups,
+                                     params.bootstrap_samples, params.seed)
+    metrics["balanced_accuracy_ci95_low"], metrics["balanced_accuracy_ci95_high"] = low, high
+    metrics["operating_point"] = operating_point(data.labels, judged.decided)
+    metrics["calibration"] = calibration_figures(data.labels, judged.shown, data.proba)
+    tables = {"predictions.csv": predictions_table(data.image_ids, data.labels, judged.corrected, judged.shown),
+              "roc.csv": roc_table(data.labels, judged.corrected),
+              "precision_recall.csv": pr_table(data.labels, judged.corrected),
+              "per_class.csv": per_class_table(per_class),
+              "calibration.csv": reliability_csv(data.labels, judged.shown, data.proba)}
+    return metrics, tables
+
+
+def non_lesion_figures(lesions: Judgement, non_lesions: Judgement, kinds: np.ndarray) -> tuple[dict, str]:
+    """(out_of_distribution metrics, a per-kind table): lesions accepted, non-lesion images rejected."""
+    rejected = ~non_lesions.in_distribution
+    figures = {"lesions_accepted": float(np.mean(lesions.in_distribution)),
+               "non_lesion_rejected": float(np.mean(rejected)), "non_lesion_images": int(len(kinds)),
+               "method": ood.METHOD}
+    rows = ["kind,images,rejected"] + [f"{kind},{int((kinds == kind).sum())},{np.mean(rejected[kinds == kind]):.4f}"
+                                       for kind in dict.fromkeys(kinds)]
+    return figures, "\n".join(rows) + "\n"
+
+
+def log_split(split: str, m: dict) -> None:
+    op = m["operating_point"]
+    log.info("%s: balanced accuracy %.4f (95%% CI %.3f-%.3f); at the operating point melanoma sensitivity %.4f, "
+             "specificity %.4f (vs nevi %.4f); ECE %.4f (uncalibrated %.4f); %d images", split,
+             m["balanced_accuracy"], m["balanced_accuracy_ci95_low"], m["balanced_accuracy_ci95_high"],
+             op["mel_sensitivity"] or 0.0, op["mel_specificity"] or 0.0, op["mel_specificity_nv"] or 0.0,
+             m["calibration"]["ece"], m["calibration"]["ece_uncalibrated"], m["images"])
 
 
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),
          split_dir: Path = Path("data/split"), model_path: Path = Path("models/model.keras"),
-         decision_path: Path = Path("models/decision.json"), metrics_dir: Path = Path("metrics")) -> None:
+         decision_path: Path = Path("models/decision.json"), ood_path: Path = Path("models/ood.npz"),
+         metrics_dir: Path = Path("metrics")) -> None:
     params = load_params("evaluate", EvaluateParams, params_path)
     if not Path(model_path).is_file():
         raise StageError(f"{model_path}: no trained model (run: dvc repro train)")
     import keras
 
-    model = keras.saving.load_model(model_path)
+    features_model = feature_model(keras.saving.load_model(model_path))
     data_dir, metrics_dir = Path(data_dir), Path(metrics_dir)
+
+    def outputs(images: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        log.info("%s: %d images, tta %s", what, len(images), params.tta)
+        return model_outputs(features_model, images, params.tta, params.batch_size)
+
     scored = {}
-    for split in ("val", "test"):
+    for split in ("val", "test") if params.score_test else ("val",):
         images, labels, image_ids = read_shards(data_dir, split)
-        groups = lesion_groups(split_dir, split, image_ids)
-        scored[split] = (labels, predict_proba(model, images, params.tta, params.batch_size), groups, image_ids)
-    decision = choose_decision(params, scored["val"][0], scored["val"][1], real_train_labels(data_dir))
-    log.info("chosen on val: tta %s, prior strength %.2f, melanoma threshold %.4f", decision.tta,
-             decision.prior_strength, decision.mel_threshold)
-    results = {}
-    for split, (labels, proba, groups, image_ids) in scored.items():
-        proba = corrected(proba, decision.class_bias)
-        results[split] = score_split(split, labels, proba, groups, image_ids, decision, params,
-                                     metrics_dir / "plots")
+        groups = lesion_group_of_each_image(split_dir, split, image_ids)
+        scored[split] = Scored(labels, *outputs(images, split), groups, image_ids)
+    val, train_labels = scored["val"], real_train_labels(data_dir)
+    fit_images, fit_labels = fit_sample(data_dir, params.ood_fit_images, params.seed)
+    _, fit_features = outputs(fit_images, "training images (out-of-distribution fit)")
+    decision = with_shown_and_ood(choose_decision(params, val.labels, val.proba, train_labels), params, val.labels,
+                                  val.proba, val.features, train_labels, fit_labels, fit_features)
+    log.info("chosen on val: tta %s, prior strength %.2f, melanoma threshold %.4f, temperature %.3f, "
+             "out-of-distribution threshold %.2f", decision.tta, decision.prior_strength, decision.mel_threshold,
+             decision.temperature, decision.ood.threshold)
+    results, tables, judged = {}, {}, {}
+    for split, data in scored.items():
+        judged[split] = judge(decision, data.proba, data.features)
+        results[split], tables[split] = split_metrics(data, judged[split], params)
+        log_split(split, results[split])
+    results["val"]["decision"] = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold,
+                                  "temperature": decision.temperature}
+    if params.score_test:
+        images, kinds = non_lesion_images(int(features_model.input_shape[1]))
+        non_lesions = judge(decision, *outputs(images, "non-lesion images"))
+        results["test"]["out_of_distribution"], tables["test"]["non_lesions.csv"] = non_lesion_figures(
+            judged["test"], non_lesions, kinds)
+        log.info("out of distribution: %.4f of test lesions accepted, %.4f of %d non-lesion images rejected",
+                 *(results["test"]["out_of_distribution"][k] for k in
+                   ("lesions_accepted", "non_lesion_rejected", "non_lesion_images")))
+    else:
+        results["test"] = {"scored": False}
+    with atomic_dir(metrics_dir / "plots") as out:
+        for split, files in tables.items():
+            for name, text in files.items():
+                atomic_write_text(out / split / name, text)
     for split, metrics in results.items():
         atomic_write_json(metrics_dir / f"{split}.json", metrics)
-    decision.save(Path(decision_path))
+    decision.save(Path(decision_path), Path(ood_path))
 
 
 if __name__ == "__main__":

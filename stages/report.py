@@ -2,19 +2,14 @@
 
 - `gradcam/<dx>.png`: one Grad-CAM contact sheet per true class, for a seeded sample of test
   images, up to N correctly and N wrongly classified (stages/lib/gradcam.py).
-- `calibration.csv`: the reliability diagram (top-label confidence per bin against accuracy).
-- `summary.json`: the expected calibration error, the one figure of this stage that `dvc metrics`
-  compares.
 - `subgroups.json`: metrics by sex, age band and body site (a plain output: too many figures to
   be metrics, and most groups are too small to compare run against run).
-- `model_card.md`: model, data and its origin (data/raw/source.json), metrics, confusion matrix,
-  calibration, subgroups, intended use, limitations and how to reproduce (stages/lib/model_card.py).
-
-This module gathers the inputs, computes calibration and subgroups, and composes the rest.
-Everything is computed from files earlier stages wrote (predictions.csv for calibration and the
-confusion matrix; the model only for Grad-CAM), sorted, seeded and rounded, with no timestamps:
-the same inputs give byte-identical files, so `git diff` shows only real changes. Subgroups that
-are too small are flagged, never hidden.
+- `model_card.md`: model, data and its origin, metrics, confusion matrix, calibration, the
+  "unknown" answer, subgroups, intended use, limitations, how to reproduce (stages/lib/model_card.py).
+Everything comes from files earlier stages wrote (evaluate's metrics and tables: predictions,
+calibration, non-lesions; the model only for Grad-CAM), sorted, seeded and rounded, with no
+timestamps: the same inputs give byte-identical files. Small subgroups are flagged, never hidden.
+The test split must have been scored (evaluate.score_test: true).
 """
 from __future__ import annotations
 
@@ -45,6 +40,8 @@ from stages.lib.shards import read_index, read_shards
 log = logging.getLogger("stages.report")
 
 PREDICTION_COLUMNS = ("image_id", "actual", "predicted", "probability")
+CALIBRATION_COLUMNS = ("probabilities", "bin", "confidence", "accuracy", "count")
+NON_LESION_COLUMNS = ("kind", "images", "rejected")
 DIGITS = 4  # rounding of every written figure: diffs show changes, not float noise
 
 
@@ -52,14 +49,12 @@ DIGITS = 4  # rounding of every written figure: diffs show changes, not float no
 class ReportParams:
     seed: int
     gradcam_per_class: int  # correctly and wrongly classified, each
-    calibration_bins: int
     age_bands: list[int]  # band edges in years: [30, 45] gives <30, 30-44, 45+
     min_group_size: int  # smaller subgroups are flagged as too few images
 
     def __post_init__(self) -> None:
         in_range("seed", self.seed, 0)
         in_range("gradcam_per_class", self.gradcam_per_class, 0)
-        in_range("calibration_bins", self.calibration_bins, 1)
         if any(b <= a for a, b in zip(self.age_bands, self.age_bands[1:])):
             raise ValueError(f"age_bands must be strictly increasing, got {self.age_bands}")
         in_range("min_group_size", self.min_group_size, 1)
@@ -86,7 +81,7 @@ def rounded(x: float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Confusion and calibration
+# Confusion
 # --------------------------------------------------------------------------------------------
 def confusion_counts(predictions: pd.DataFrame) -> pd.DataFrame:
     """Counts of (actual, predicted) over all seven classes, absent ones included as zeros.
@@ -95,32 +90,6 @@ def confusion_counts(predictions: pd.DataFrame) -> pd.DataFrame:
     """
     counts = pd.crosstab(predictions["actual"], predictions["predicted"])
     return counts.reindex(index=list(CLASSES), columns=list(CLASSES), fill_value=0)
-
-
-def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:
-    """Reliability diagram: for equal-width confidence bins, mean confidence, accuracy and count.
-
-    Bin k holds confidences in [k/bins, (k+1)/bins), the last bin also 1.0. Empty bins are left
-    out: they have no point to draw and weigh nothing in the calibration error.
-    """
-    confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
-    index = np.clip(np.floor(confidence * bins + 1e-9).astype(int), 0, bins - 1)  # 1e-9: 0.3*10 is bin 3
-    rows = [{"bin": f"{k / bins:.2f}-{(k + 1) / bins:.2f}", "confidence": confidence[index == k].mean(),
-             "accuracy": correct[index == k].mean(), "count": int((index == k).sum())}
-            for k in range(bins) if (index == k).any()]
-    return pd.DataFrame(rows, columns=["bin", "confidence", "accuracy", "count"])
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """Top-label ECE: the count-weighted mean gap between accuracy and confidence over the bins."""
-    if table.empty:
-        return 0.0
-    weights = table["count"] / table["count"].sum()
-    return float((weights * (table["accuracy"] - table["confidence"]).abs()).sum())
-
-
-def calibration_csv(table: pd.DataFrame) -> str:
-    return table.round({"confidence": DIGITS, "accuracy": DIGITS}).to_csv(index=False, lineterminator="\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,9 +156,12 @@ def with_metadata(predictions: pd.DataFrame, test_split: pd.DataFrame) -> pd.Dat
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
-def summary(ece: float) -> dict[str, Any]:
-    """summary.json, declared as DVC metrics: only what is worth comparing run against run."""
-    return {"ece": rounded(ece)}
+def scored_test(test: dict[str, Any], path: Path) -> dict[str, Any]:
+    """metrics/test.json, refused when evaluate did not score test (a seed sweep's setting)."""
+    if test.get("scored") is False:
+        raise StageError(f"{path}: test was not scored (params.yaml evaluate.score_test is false); the report "
+                         "describes the test split: set it to true, then: dvc repro evaluate")
+    return test
 
 
 def subgroups_file(subgroups: dict, images: int, min_size: int) -> dict[str, Any]:
@@ -214,10 +186,13 @@ def main(params_path: Path = PARAMS_FILE, model_path: Path = Path("models/model.
     train = load_train_facts(params_path)
     metrics_dir, split_dir = Path(metrics_dir), Path(split_dir)
     source = read_source(Path(source_path))
-    predictions = read_table(metrics_dir / "plots" / "test" / "predictions.csv", PREDICTION_COLUMNS)
     splits = {s: read_table(split_dir / f"{s}.csv", SPLIT_COLUMNS) for s in SPLITS}
     data, val, test = (read_json(metrics_dir / name, stage) for name, stage in
                        (("data.json", "split"), ("val.json", "evaluate"), ("test.json", "evaluate")))
+    test = scored_test(test, metrics_dir / "test.json")
+    predictions = read_table(metrics_dir / "plots" / "test" / "predictions.csv", PREDICTION_COLUMNS)
+    calibration = read_table(metrics_dir / "plots" / "test" / "calibration.csv", CALIBRATION_COLUMNS)
+    non_lesions = read_table(metrics_dir / "plots" / "test" / "non_lesions.csv", NON_LESION_COLUMNS)
     details = per_class_details(metrics_dir / "plots")
     images, _, image_ids = read_shards(data_dir, "test")
     import keras
@@ -227,24 +202,20 @@ def main(params_path: Path = PARAMS_FILE, model_path: Path = Path("models/model.
     tf.config.experimental.enable_op_determinism()
     sample = gradcam_sample(predictions, params.gradcam_per_class, params.seed)
     sheets = gradcam_sheets(model, sample, images, image_ids, params.gradcam_per_class)
-    correct = (predictions["actual"] == predictions["predicted"]).to_numpy()
-    calibration = calibration_table(predictions["probability"].to_numpy(), correct, params.calibration_bins)
-    ece = expected_calibration_error(calibration)
     subgroups = subgroup_metrics(with_metadata(predictions, splits["test"]), params.age_bands, params.min_group_size)
     card = model_card(train=train, model_facts=describe_model(model), image_size=read_index(data_dir)["image_size"],
                       data=data, source=source, splits=splits, val=val, test=test, details=details,
-                      confusion=confusion_counts(predictions), calibration=calibration, ece=ece, subgroups=subgroups,
-                      min_group_size=params.min_group_size, gradcam_sample=sample, gradcam_sheets=sorted(sheets),
-                      gradcam_per_class=params.gradcam_per_class, gradcam_layer=GRADCAM_LAYER)
+                      confusion=confusion_counts(predictions), calibration=calibration, non_lesions=non_lesions,
+                      subgroups=subgroups, min_group_size=params.min_group_size, gradcam_sample=sample,
+                      gradcam_sheets=sorted(sheets), gradcam_per_class=params.gradcam_per_class,
+                      gradcam_layer=GRADCAM_LAYER)
 
     with atomic_dir(Path(report_dir)) as out:
         for name, png in sorted(sheets.items()):
             atomic_write_bytes(out / "gradcam" / name, png)
-        atomic_write_text(out / "calibration.csv", calibration_csv(calibration))
-        atomic_write_json(out / "summary.json", summary(ece))
         atomic_write_json(out / "subgroups.json", subgroups_file(subgroups, len(predictions), params.min_group_size))
         atomic_write_text(out / "model_card.md", card)
-    log.info("%s: %d Grad-CAM sheets (%d images), ECE %.4f, model card", report_dir, len(sheets), len(sample), ece)
+    log.info("%s: %d Grad-CAM sheets (%d images), subgroups, model card", report_dir, len(sheets), len(sample))
 
 
 if __name__ == "__main__":

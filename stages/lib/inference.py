@@ -1,33 +1,38 @@
-"""From model to decision: test-time flips, the class-prior correction and the melanoma operating point.
+"""From model to answer: test-time flips, the decision rule, calibrated probabilities, "unknown".
 
-One module, used by `evaluate` (which chooses the correction and the threshold on validation),
-`predict` and `export`'s agreement check, so that a figure in metrics/ and an answer from
-`predict` come from the same computation.
-
-- Test-time augmentation ("flips"): the mean of the class probabilities of the image and its
-  horizontal, vertical and double flips. Dermoscopy has no "up", and after augment's 4:3 -> square
-  resize a flip (unlike a quarter turn) keeps the same axis stretched.
-- Prior correction: training sees a class-balanced world (oversampling + balanced class weights),
-  so the probabilities reflect that prior, not how common each disease is. A per-class offset
-  `bias_k = strength * log(share_k)` (share_k: class k's share of the real training images) shifts
-  decisions towards common (strength > 0) or rare (< 0) classes; `strength` is chosen on
-  validation from a small grid (0 = none).
-- Operating point: melanoma is the one class where a miss costs most. The decision is `mel`
-  whenever p(mel) >= `mel_threshold` (chosen on validation for a target sensitivity), else the
-  most probable class.
+One module, used by `evaluate` (which chooses the rule and scores it), `predict`, the web page and
+`export`'s agreement check: a figure in metrics/ and an answer people see come from one computation
+(`judge`, and `Predictor.describe` around it). models/decision.json (+ ood.npz) holds the rule.
+- Flips: the mean over an image and its 3 flips (dermoscopy has no "up"; a flip, unlike a quarter
+  turn, keeps augment's stretched axis).
+- Decision: log-probabilities + `class_bias` (strength * log class share, the strength chosen on
+  validation for balanced accuracy), then `mel` when that p(mel) >= `mel_threshold` (chosen on
+  validation for a target sensitivity), else the top class; "unknown" when the image is out of
+  distribution (stages/lib/ood.py).
+- Shown probabilities: calibrated (stages/lib/calibration.py) to HAM10000's class mix. They do not
+  decide: what decides and what is shown are separate, so calibration never moves a figure of the rule.
+`load_decision` checks every key and names the file, the key and the fix in one line.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from stages.lib.dataset import CLASSES, MELANOMA
+from stages.lib.calibration import calibrated
+from stages.lib.cli import StageError
+from stages.lib.dataset import CLASS_NAMES, CLASSES, MELANOMA
+from stages.lib.ood import FEATURE_LAYER, OodDetector
 
 TTA = Literal["none", "flips"]
+UNKNOWN = "unknown"  # the decision for an image out of distribution
+TOP = 3              # classes listed per image
+DIGITS = 4           # rounding of every figure shown per image: more would be false precision
+REMEDY = "run: dvc repro evaluate"
 
 
 def flips(images: np.ndarray) -> list[np.ndarray]:
@@ -48,48 +53,142 @@ def predict_proba(model, images: np.ndarray, tta: TTA = "none", batch_size: int 
     return mean_over_views(model, VIEWS[tta](images), batch_size)
 
 
-def mean_over_views(model, views: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """The mean class probabilities over several views (N, H, W, C each) of the same images."""
+def _run(model, view: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The model's outputs on one view, as a list (one array per output)."""
+    if hasattr(model, "predict"):
+        out = model.predict(view, batch_size=batch_size, verbose=0)
+    else:
+        parts = [model(view[i:i + batch_size]) for i in range(0, len(view), batch_size)]
+        out = np.concatenate(parts) if not isinstance(parts[0], (list, tuple)) else \
+            [np.concatenate(p) for p in zip(*parts)]
+    return [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else [np.asarray(out)]
+
+
+def mean_over_views(model, views: list[np.ndarray], batch_size: int = 64):
+    """The mean output over several views (N, H, W, C each) of the same images: one array for a
+    one-output model (class probabilities), else a list of arrays, one per output."""
     total = None
     for view in views:
-        view = np.ascontiguousarray(view, dtype=np.float32)
-        if hasattr(model, "predict"):
-            proba = model.predict(view, batch_size=batch_size, verbose=0)
-        else:
-            proba = np.concatenate([model(view[i:i + batch_size]) for i in range(0, len(view), batch_size)])
-        total = proba.astype(np.float64) if total is None else total + proba
-    return (total / len(views)).astype(np.float32)
+        out = _run(model, np.ascontiguousarray(view, dtype=np.float32), batch_size)
+        total = [o.astype(np.float64) for o in out] if total is None else [t + o for t, o in zip(total, out)]
+    means = [(t / len(views)).astype(np.float32) for t in total]
+    return means[0] if len(means) == 1 else means
 
 
-@dataclass(frozen=True)
+def feature_model(model):
+    """A Keras sub-model of `model` (no copy of its weights) giving [pooled features, probabilities]."""
+    import keras
+
+    try:
+        pooled = model.get_layer(FEATURE_LAYER).output
+    except ValueError:
+        raise StageError(f"model {model.name!r} has no layer {FEATURE_LAYER!r} (not made by stages/train.py)") from None
+    return keras.Model(model.inputs, [pooled, model.output], name=f"{model.name}_with_features")
+
+
+def model_outputs(features_model, images: np.ndarray, tta: TTA, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities (N, 7), pooled features (N, D)), each the mean over the `tta` views."""
+    if len(images) == 0:
+        width = int(features_model.outputs[0].shape[-1])
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros((0, width), np.float32)
+    features, proba = mean_over_views(features_model, VIEWS[tta](images), batch_size)
+    return proba, features
+
+
+@dataclass(frozen=True, eq=False)
 class Decision:
-    """How probabilities become an answer; chosen on validation by `evaluate`, stored with the model."""
+    """How probabilities become an answer and what is shown; chosen on validation by `evaluate`."""
 
     tta: TTA
-    class_bias: tuple[float, ...]   # added to log-probabilities, one per class (all 0: no correction)
-    prior_strength: float           # the strength that gave class_bias (for people)
-    mel_threshold: float            # p(mel) at or above this -> decision "mel"
-    mel_sensitivity_target: float   # what the threshold was chosen for, on validation
+    class_bias: tuple[float, ...]    # added to log-probabilities, one per class (all 0: no correction)
+    prior_strength: float            # the strength that gave class_bias (for people)
+    mel_threshold: float             # corrected p(mel) at or above this -> decision "mel"
+    mel_sensitivity_target: float    # what the threshold was chosen for, on validation
+    temperature: float = 1.0         # shown probabilities: softmax(log p / T + log class_prior)
+    class_prior: tuple[float, ...] | None = None  # shown probabilities' class shares (None: uniform)
+    ood: OodDetector | None = None   # "unknown" above its threshold (None: every image is judged)
 
-    def save(self, path: Path) -> dict:
-        record = {**asdict(self), "class_bias": dict(zip(CLASSES, self.class_bias)), "chosen_on": "val"}
+    def save(self, path: Path, ood_path: Path | None = None) -> dict:
+        """Write decision.json at `path`, and the detector's parameters at `ood_path` (default:
+        ood.npz beside it), parameters first: the record names them with their checksum."""
         from stages.lib.files import atomic_write_json
 
+        ood = None
+        if self.ood is not None:
+            ood = self.ood.save(Path(ood_path) if ood_path else Path(path).with_name("ood.npz"))
+        record = {**{k: v for k, v in asdict(self).items() if k not in ("ood", "class_prior")},
+                  "class_bias": dict(zip(CLASSES, self.class_bias)),
+                  "class_prior": None if self.class_prior is None else dict(zip(CLASSES, self.class_prior)),
+                  "ood": ood, "chosen_on": "val"}
         atomic_write_json(Path(path), record)
         return record
 
     @classmethod
     def load(cls, path: Path) -> Decision:
-        from stages.lib.cli import StageError
-        from stages.lib.files import read_json
+        """load_decision(path)."""
+        return load_decision(path)
 
-        record = read_json(path, made_by="evaluate")
-        try:
-            return cls(tta=record["tta"], class_bias=tuple(float(record["class_bias"][dx]) for dx in CLASSES),
-                       prior_strength=float(record["prior_strength"]), mel_threshold=float(record["mel_threshold"]),
-                       mel_sensitivity_target=float(record["mel_sensitivity_target"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise StageError(f"{path}: not a valid decision file ({err!r}); re-run: dvc repro evaluate") from None
+
+PLAIN = Decision(tta="none", class_bias=(0.0,) * len(CLASSES), prior_strength=0.0, mel_threshold=1.0,
+                 mel_sensitivity_target=1.0)
+"""No rule: the model's own probabilities, one view, no correction, no calibration, no "unknown"."""
+
+
+def _number(record: dict, key: str, where: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = record[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise StageError(f"{where}: {key} must be a number in {bounds}, got {value!r} ({REMEDY})")
+    return float(value)
+
+
+def _per_class(record: dict, key: str, where: str, positive: bool = False) -> tuple[float, ...]:
+    """A {dx: value} mapping (or a list in class order) of 7 finite numbers."""
+    value = record[key]
+    if isinstance(value, dict):
+        if sorted(value) != sorted(CLASSES):
+            raise StageError(f"{where}: {key} must have one value per class ({', '.join(CLASSES)}), got keys "
+                             f"{sorted(value)} ({REMEDY})")
+        value = [value[dx] for dx in CLASSES]
+    if not isinstance(value, list) or len(value) != len(CLASSES):
+        raise StageError(f"{where}: {key} must hold {len(CLASSES)} values, one per class, got {value!r} ({REMEDY})")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+               for v in value):
+        raise StageError(f"{where}: {key} must hold finite{' positive' if positive else ''} numbers, got {value!r} "
+                         f"({REMEDY})")
+    return tuple(float(v) for v in value)
+
+
+def load_decision(path: Path) -> Decision:
+    """The rule evaluate stored at `path` (and its ood.npz), every key checked; a StageError of one
+    line naming the file, the key, the bad value and `dvc repro evaluate` otherwise."""
+    from stages.lib.files import read_json
+
+    path = Path(path)
+    record = read_json(path, made_by="evaluate")
+    where = str(path)
+    if not isinstance(record, dict):
+        raise StageError(f"{where}: not a decision record (a JSON mapping), got {type(record).__name__} ({REMEDY})")
+    keys = ("tta", "class_bias", "prior_strength", "mel_threshold", "mel_sensitivity_target", "temperature",
+            "class_prior", "ood")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise StageError(f"{where}: missing key '{missing[0]}' (written by an older evaluate? {REMEDY})")
+    if record["tta"] not in get_args(TTA):
+        raise StageError(f"{where}: unknown tta {record['tta']!r} (known: {', '.join(get_args(TTA))}; {REMEDY})")
+    prior = None if record["class_prior"] is None else _per_class(record, "class_prior", where, positive=True)
+    try:
+        ood = None if record["ood"] is None else OodDetector.load(record["ood"], path.parent, f"{where}: ood")
+    except StageError as err:
+        raise StageError(f"{err} ({REMEDY})") from None
+    return Decision(tta=record["tta"], class_bias=_per_class(record, "class_bias", where),
+                    prior_strength=_number(record, "prior_strength", where, -10, 10),
+                    mel_threshold=_number(record, "mel_threshold", where, 0, 1),
+                    mel_sensitivity_target=_number(record, "mel_sensitivity_target", where, 0, 1, lo_open=True),
+                    temperature=_number(record, "temperature", where, 0, 1000, lo_open=True),
+                    class_prior=prior, ood=ood)
 
 
 def prior_bias(train_labels: np.ndarray, strength: float) -> np.ndarray:
@@ -98,9 +197,14 @@ def prior_bias(train_labels: np.ndarray, strength: float) -> np.ndarray:
     strength 1 is Bayes' correction from the balanced training prior to the real one (favours
     `nv`); negative strengths favour the rare classes; 0 changes nothing.
     """
-    counts = np.bincount(train_labels, minlength=len(CLASSES)).astype(np.float64)
-    log_share = np.log(np.maximum(counts, 1) / counts.sum())
+    log_share = np.log(class_shares(train_labels))
     return strength * (log_share - log_share.mean())
+
+
+def class_shares(train_labels: np.ndarray) -> np.ndarray:
+    """Each class's share of the real training images (a class without images counts as one)."""
+    counts = np.bincount(train_labels, minlength=len(CLASSES)).astype(np.float64)
+    return np.maximum(counts, 1) / np.maximum(counts, 1).sum()
 
 
 def corrected(proba: np.ndarray, class_bias) -> np.ndarray:
@@ -123,3 +227,66 @@ def threshold_for_sensitivity(labels: np.ndarray, p_mel: np.ndarray, target: flo
         return 0.5
     needed = int(np.ceil(target * len(scores)))  # melanomas that must be at or above the threshold
     return float(scores[max(needed, 1) - 1])
+
+
+@dataclass(frozen=True, eq=False)
+class Judgement:
+    """A batch's answers under a Decision, as arrays (N rows each)."""
+
+    corrected: np.ndarray         # (N, 7) probabilities after the class-prior correction: they decide
+    decided: np.ndarray           # (N,) class code at the operating point (whether or not in distribution)
+    shown: np.ndarray             # (N, 7) calibrated probabilities: what people are shown
+    ood_score: np.ndarray         # (N,) out-of-distribution score (0 without a detector)
+    in_distribution: np.ndarray   # (N,) bool: False -> the answer is "unknown"
+
+
+def judge(decision: Decision, proba: np.ndarray, features: np.ndarray) -> Judgement:
+    """The answers for model outputs (`model_outputs`): the one computation behind every figure."""
+    fixed = corrected(proba, decision.class_bias)
+    scores = decision.ood.score(features) if decision.ood is not None else np.zeros(len(proba))
+    inside = decision.ood.in_distribution(scores) if decision.ood is not None else np.ones(len(proba), bool)
+    return Judgement(corrected=fixed, decided=decide(fixed, decision.mel_threshold),
+                     shown=calibrated(proba, decision.temperature, decision.class_prior), ood_score=scores,
+                     in_distribution=inside)
+
+
+def top_k(proba: np.ndarray, k: int = TOP) -> list[dict[str, Any]]:
+    """The k most probable classes of one image, most probable first (ties: class-code order)."""
+    order = np.argsort(-np.asarray(proba), kind="stable")[:k]
+    return [{"dx": CLASSES[c], "name": CLASS_NAMES[CLASSES[c]], "probability": round(float(proba[c]), DIGITS)}
+            for c in order]
+
+
+def describe(decision: Decision, judged: Judgement) -> list[dict[str, Any]]:
+    """Per image, what people are shown (see Predictor.describe)."""
+    return [{"top": top_k(judged.shown[n]),
+             "probabilities": {dx: round(float(judged.shown[n, k]), DIGITS) for k, dx in enumerate(CLASSES)},
+             "decision": CLASSES[judged.decided[n]] if judged.in_distribution[n] else UNKNOWN,
+             "in_distribution": bool(judged.in_distribution[n]),
+             "ood_score": round(float(judged.ood_score[n]), DIGITS),
+             "mel_probability": round(float(judged.corrected[n, MELANOMA]), DIGITS),
+             "mel_threshold": float(decision.mel_threshold)}
+            for n in range(len(judged.decided))]
+
+
+class Predictor:
+    """A trained model with its Decision: images in, the per-image results people are shown out."""
+
+    def __init__(self, model, decision: Decision, batch_size: int = 64) -> None:
+        self.model, self.decision, self.batch_size = model, decision, batch_size
+        self.features_model = feature_model(model)
+        self.image_size = int(model.input_shape[1])
+
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, features) of `images` under the decision's test-time views."""
+        return model_outputs(self.features_model, images, self.decision.tta, self.batch_size)
+
+    def judge(self, images: np.ndarray) -> Judgement:
+        return judge(self.decision, *self.outputs(images))
+
+    def describe(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Per image of `images` (uint8, N x size x size x 3): {"top": 3 x {dx, name, probability},
+        "probabilities": {dx: p}, "decision": dx or "unknown", "in_distribution", "ood_score",
+        "mel_probability" (the corrected p(mel) the threshold is applied to), "mel_threshold"}.
+        Probabilities are calibrated; figures are rounded to 4 decimals."""
+        return describe(self.decision, self.judge(images))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.lib.calibration import BINS
 from stages.lib.dataset import CLASS_NAMES, CLASSES, SPLITS
 
 OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPEGs)
@@ -138,17 +139,19 @@ METRIC_ROWS = (("balanced_accuracy", "**balanced accuracy** (mean recall over cl
                ("macro_f1", "macro F1"), ("macro_auc", "macro AUC (one-vs-rest)"), ("top2_accuracy", "top-2 accuracy"),
                ("top3_accuracy", "top-3 accuracy"), ("mel_sensitivity", "melanoma sensitivity"),
                ("mel_specificity", "melanoma specificity"), ("images", "images"))
-OPERATING_POINT_ROWS = (("mel_threshold", "melanoma threshold (chosen on validation)"),
-                        ("mel_sensitivity", "melanoma sensitivity at the threshold"),
-                        ("mel_specificity", "melanoma specificity at the threshold"),
+OPERATING_POINT_ROWS = (("mel_sensitivity", "melanoma sensitivity at the threshold"),
+                        ("mel_specificity", "melanoma specificity at the threshold (vs the six other classes)"),
+                        ("mel_specificity_nv", "melanoma specificity at the threshold (vs nevi only)"),
                         ("balanced_accuracy", "balanced accuracy at the threshold"))
 PER_CLASS_COLUMNS = (("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("auc", "AUC"),
                      ("support", "images"))
 
 
-def interval(ci: Any) -> str | None:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
-        return f"{ci[0]:.3f} – {ci[1]:.3f}"
+def interval(metrics: dict[str, Any]) -> str | None:
+    """The balanced accuracy's 95% interval as "low – high", where the metrics file has it."""
+    low, high = metrics.get("balanced_accuracy_ci95_low"), metrics.get("balanced_accuracy_ci95_high")
+    if all(isinstance(v, (int, float)) for v in (low, high)):
+        return f"{low:.3f} – {high:.3f}"
     return None
 
 
@@ -180,10 +183,12 @@ def metrics_section(val: dict[str, Any], test: dict[str, Any],
         nv_images = test.get("per_class", {}).get("nv", {}).get("support", 0) or 0
     nv_share = nv_images / max(test.get("images", 0) or 0, 1)
     rows = [[label, val.get(key), test.get(key)] for key, label in METRIC_ROWS]
-    ci = [interval(val.get("balanced_accuracy_ci95")), interval(test.get("balanced_accuracy_ci95"))]
+    ci = [interval(val), interval(test)]
     if any(ci):
         rows.insert(1, ["balanced accuracy, 95% interval (lesion-group bootstrap)"] + [c or "–" for c in ci])
     if val.get("operating_point") or test.get("operating_point"):
+        rows.append(["melanoma threshold on the corrected p(mel) (chosen on validation)",
+                     (val.get("decision") or {}).get("mel_threshold"), None])
         rows += [[label, (val.get("operating_point") or {}).get(key), (test.get("operating_point") or {}).get(key)]
                  for key, label in OPERATING_POINT_ROWS]
     parts = ["## Metrics", "",
@@ -203,14 +208,49 @@ def confusion_section(counts: pd.DataFrame) -> str:
                       "", md_table(["true \\ predicted"] + list(CLASSES), rows)])
 
 
-def calibration_section(table: pd.DataFrame, ece: float) -> str:
-    rows = [[r.bin, r.confidence, r.accuracy, int(r.count)] for r in table.itertuples(index=False)]
+def calibration_section(table: pd.DataFrame, val: dict[str, Any], test: dict[str, Any]) -> str:
+    """What the shown probabilities mean, and how well they keep it on test (both curves)."""
+    figures, decision = test.get("calibration") or {}, val.get("decision") or {}
+    calibrated = table[table["probabilities"] == "calibrated"]
+    rows = [[r.bin, r.confidence, r.accuracy, int(r.count)] for r in calibrated.itertuples(index=False)]
     return "\n".join([
-        "## Calibration (test)", "",
-        f"Expected calibration error (top label, {len(table)} non-empty equal-width bins): **{ece:.3f}**. "
-        "A well-calibrated model's accuracy matches its confidence in every bin "
-        "(reliability diagram: `calibration.csv`, drawn by `dvc plots show`).",
+        "## Probabilities and calibration (test)", "",
+        "The probabilities `predict` and the web page show are calibrated to HAM10000's class mix: "
+        "softmax(log p / T + log share), where p is the model's probability (mean over the 4 flips), "
+        f"T = {fmt(decision.get('temperature'))} a temperature fitted on the validation split by log-likelihood, "
+        "and share each class's share of the real training images. Read \"30% mel\" as: among images like this one, "
+        "in a population with HAM10000's mix of diagnoses, about 30% are melanomas. In a clinic with another mix "
+        "(fewer melanomas, say) the real chance differs. These probabilities do not decide: the answer comes from "
+        "the decision rule (a class-prior correction chosen for balanced accuracy, and the melanoma threshold on "
+        "its corrected p(mel), reported per image as `mel_probability`).",
+        "",
+        f"Expected calibration error (top class, {len(calibrated)} non-empty of {BINS} equal-width bins): "
+        f"**{fmt(figures.get('ece'))}** calibrated, {fmt(figures.get('ece_uncalibrated'))} for the model's own "
+        f"probabilities; log-likelihood loss {fmt(figures.get('nll'))}, Brier score {fmt(figures.get('brier'))}. "
+        "A well-calibrated model's accuracy matches its confidence in every bin (reliability diagram of both: "
+        "`metrics/plots/test/calibration.csv`, drawn by `dvc plots show`).",
         "", md_table(["confidence bin", "mean confidence", "accuracy", "images"], rows)])
+
+
+def unknown_section(test: dict[str, Any], non_lesions: pd.DataFrame) -> str:
+    """When the answer is "unknown": the out-of-distribution check and how it did."""
+    ood = test.get("out_of_distribution") or {}
+    rows = [[r.kind, int(r.images), r.rejected] for r in non_lesions.itertuples(index=False)]
+    return "\n".join([
+        "## \"Unknown\": images the model cannot judge", "",
+        "The model only knows dermoscopic images of the seven HAM10000 classes. Before answering, each image's "
+        "pooled features (the layer before the classifier) are compared with those of the training images: "
+        "its Mahalanobis distance to the nearest class (one Gaussian per class, shared covariance). Above a "
+        "threshold, the answer is `unknown` (\"not a lesion I can judge\"), whatever the probabilities say. "
+        "The threshold keeps a fixed share of the validation lesions (params.yaml `evaluate.ood_keep`); no "
+        "non-lesion image was used to choose it.",
+        "",
+        f"On test: {fmt(ood.get('lesions_accepted'))} of the lesions are judged; of "
+        f"{fmt(ood.get('non_lesion_images'))} non-lesion images made in code (photos and their crops, screenshots, "
+        f"icons, text pages, blank, noise, gradients, plain skin), {fmt(ood.get('non_lesion_rejected'))} are "
+        "answered `unknown`. Images between the two (a lesion photographed with a phone instead of a dermatoscope, "
+        "other skin diseases) were not measured: the check may let them through, and their answer means little.",
+        "", md_table(["kind of image", "images", "share answered unknown"], rows)])
 
 
 def subgroup_section(subgroups: dict[str, dict[str, dict]], min_size: int) -> str:
@@ -286,25 +326,28 @@ def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame], s
     return "\n".join(lines)
 
 
-REPRODUCE = """## How to reproduce
+REPRODUCE = """## How to use and reproduce
 
 ```
 pip install -r requirements.txt
 dvc pull      # data and model from the DVC remote, if one is configured
 dvc repro     # re-runs only the stages whose code, data or params changed
+python -m stages.predict IMAGE...   # per image: the 3 most probable classes and the answer, or "unknown"
+python -m stages.serve              # starts a local web page that gives the same answers for uploaded images
 ```
 
 `HAM10000_MIRROR=<base URL> dvc repro` fetches the images from a mirror instead of Harvard Dataverse.
-Figures here come from `metrics/val.json`, `metrics/test.json`, `metrics/plots/{val,test}/`,
-`metrics/report/summary.json` and `metrics/report/subgroups.json`; params from `params.yaml`; the
-data's files from `data/raw/source.json`."""
+Figures here come from `metrics/val.json`, `metrics/test.json`, `metrics/plots/{val,test}/` and
+`metrics/report/subgroups.json`; params from `params.yaml`; the data's files from
+`data/raw/source.json`."""
 
 
 def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: int, data: dict[str, Any],
                source: dict[str, Any], splits: dict[str, pd.DataFrame], val: dict[str, Any], test: dict[str, Any],
                details: dict[str, pd.DataFrame | None], confusion: pd.DataFrame, calibration: pd.DataFrame,
-               ece: float, subgroups: dict[str, dict[str, dict]], min_group_size: int, gradcam_sample: pd.DataFrame,
-               gradcam_sheets: list[str], gradcam_per_class: int, gradcam_layer: str) -> str:
+               non_lesions: pd.DataFrame, subgroups: dict[str, dict[str, dict]], min_group_size: int,
+               gradcam_sample: pd.DataFrame, gradcam_sheets: list[str], gradcam_per_class: int,
+               gradcam_layer: str) -> str:
     """The whole card; deterministic text (no dates), so a diff shows only real changes."""
     sections = [
         "# Model card: HAM10000 skin-lesion classifier (MobileNet V1)",
@@ -315,7 +358,8 @@ def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: in
         data_section(data, splits, source),
         metrics_section(val, test, details),
         confusion_section(confusion),
-        calibration_section(calibration, ece),
+        calibration_section(calibration, val, test),
+        unknown_section(test, non_lesions),
         subgroup_section(subgroups, min_group_size),
         gradcam_section(gradcam_sample, gradcam_sheets, gradcam_per_class, gradcam_layer),
         INTENDED_USE,

@@ -1,4 +1,5 @@
-"""Stage evaluate: every figure against scikit-learn or a hand count, curves, files written."""
+"""Stage evaluate: every figure against scikit-learn or a hand count, curves, files written, and
+the stage's figures are the ones Predictor.describe gives for the same images."""
 from __future__ import annotations
 
 import io
@@ -9,15 +10,25 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
-from stages import evaluate, train
+from stages import evaluate
 from stages.lib.cli import ParamError
 from stages.lib.dataset import CLASSES
-from stages.lib.inference import TTA, VIEWS, Decision, corrected, decide, predict_proba, threshold_for_sensitivity
-from tests.conftest import TINY_TRAIN
+from stages.lib.inference import (
+    TTA,
+    VIEWS,
+    Predictor,
+    corrected,
+    decide,
+    load_decision,
+    predict_proba,
+    threshold_for_sensitivity,
+)
+from tests.conftest import make_shards
 from tests.fixtures import write_params
+from tests.tiny_model import tiny_model
 
 EVALUATE = {"batch_size": 8, "tta": "flips", "prior_strengths": [0.0, 0.5], "mel_sensitivity_target": 0.85,
-            "bootstrap_samples": 200, "seed": 1}
+            "bootstrap_samples": 200, "seed": 1, "ood_keep": 0.9, "ood_fit_images": 50, "score_test": True}
 EVALUATE_KEYS = {k: v for k, v in EVALUATE.items() if k != "batch_size"}
 
 # 10 hand-made cases: true label and the predicted probabilities.
@@ -57,11 +68,20 @@ def test_melanoma_rates_are_none_where_a_split_has_no_such_image():
     no_mel = LABELS != 4
     proba = hand_made_proba()[no_mel]
     headline, _ = evaluate.classification_metrics(LABELS[no_mel], proba)
-    point = evaluate.operating_point(LABELS[no_mel], proba, mel_threshold=0.5)
+    point = evaluate.operating_point(LABELS[no_mel], decide(proba, mel_threshold=0.5))
     assert headline["mel_sensitivity"] is None and point["mel_sensitivity"] is None
     assert headline["mel_specificity"] == pytest.approx(6 / 7) == point["mel_specificity"]
     only_mel = LABELS == 4
     assert evaluate.melanoma_rates(LABELS[only_mel], PREDICTED[only_mel]) == (pytest.approx(2 / 3), None)
+
+
+def test_melanoma_specificity_against_nevi_counts_nevi_only():
+    point = evaluate.operating_point(LABELS, PREDICTED)
+    assert point["mel_specificity"] == pytest.approx(6 / 7), "one of the 7 non-melanomas (a nevus) called mel"
+    assert point["mel_specificity_nv"] == pytest.approx(3 / 4), "one of the 4 nevi called mel"
+    assert point["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(LABELS, PREDICTED))
+    no_nevi = LABELS != 5
+    assert evaluate.operating_point(LABELS[no_nevi], PREDICTED[no_nevi])["mel_specificity_nv"] is None
 
 
 def test_top_k_counts_the_true_class_among_the_k_most_probable():
@@ -107,7 +127,7 @@ def test_bootstrap_resamples_lesion_groups_not_images():
                                          np.repeat(np.array(["a", "b", "c", "d"]), 5), 500, seed=1)
     assert few == many
     assert few[0] < 0.75 < few[1]
-    assert evaluate.balanced_accuracy_ci(labels, labels, np.arange(4), 200, seed=1) == [1.0, 1.0]
+    assert evaluate.balanced_accuracy_ci(labels, labels, np.arange(4), 200, seed=1) == (1.0, 1.0)
 
 
 def test_melanoma_threshold_reaches_the_target_sensitivity_on_the_images_it_was_chosen_on():
@@ -115,9 +135,10 @@ def test_melanoma_threshold_reaches_the_target_sensitivity_on_the_images_it_was_
     labels = np.array([4] * 40 + [5] * 160)
     proba = rng.dirichlet(np.ones(len(CLASSES)), size=len(labels)).astype(np.float32)
     threshold = threshold_for_sensitivity(labels, proba[:, 4], 0.85)
-    point = evaluate.operating_point(labels, proba, threshold)
+    point = evaluate.operating_point(labels, decide(proba, threshold))
     assert point["mel_sensitivity"] >= 0.85
-    assert evaluate.operating_point(labels, proba, threshold + 1e-6)["mel_sensitivity"] < 0.85, "the highest such"
+    assert evaluate.operating_point(labels, decide(proba, threshold + 1e-6))["mel_sensitivity"] < 0.85, \
+        "the highest such"
     decided = decide(proba, threshold)
     assert np.all(decided[proba[:, 4] >= threshold] == 4)
     assert np.all(decided[proba[:, 4] < threshold] == proba[proba[:, 4] < threshold].argmax(axis=1))
@@ -170,29 +191,143 @@ def write_split_csvs(folder, shards):
     return folder
 
 
-def test_main_writes_val_and_test_metrics_plots_and_the_decision(tiny_shards, tmp_path):
-    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN, evaluate=EVALUATE)
-    train.main(params, tiny_shards, tmp_path / "model.keras", tmp_path / "live")
-    split_dir = write_split_csvs(tmp_path / "split", tiny_shards)
-    decision_path = tmp_path / "decision.json"
-    evaluate.main(params, tiny_shards, split_dir, tmp_path / "model.keras", decision_path, tmp_path / "metrics")
-    decision = Decision.load(decision_path)
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """evaluate run once on tiny shards with a tiny model: (folder, its inputs)."""
+    from stages.lib.shards import read_shards
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    shards = make_shards(tmp / "augmented")
+    tiny_model(read_shards(shards, "train")[0]).save(tmp / "model.keras")
+    params = write_params(tmp / "params.yaml", evaluate=EVALUATE)
+    split_dir = write_split_csvs(tmp / "split", shards)
+    paths = {"params_path": params, "data_dir": shards, "split_dir": split_dir, "model_path": tmp / "model.keras",
+             "decision_path": tmp / "models" / "decision.json", "ood_path": tmp / "models" / "ood.npz",
+             "metrics_dir": tmp / "metrics"}
+    evaluate.main(**paths)
+    return tmp, paths
+
+
+def read_metrics(folder, split):
+    return json.loads((folder / "metrics" / f"{split}.json").read_text())
+
+
+def test_main_writes_val_and_test_metrics_plots_and_the_decision(evaluated):
+    tmp, _ = evaluated
+    decision = load_decision(tmp / "models" / "decision.json")
     assert decision.tta == "flips" and decision.mel_sensitivity_target == 0.85
+    assert decision.ood is not None and decision.ood.keep == 0.9 and decision.temperature > 0
+    assert sum(decision.class_prior) == pytest.approx(1.0)
     for split in ("val", "test"):
-        m = json.loads((tmp_path / "metrics" / f"{split}.json").read_text())
+        m = read_metrics(tmp, split)
         for key in ("balanced_accuracy", "accuracy", "macro_f1", "top2_accuracy", "top3_accuracy",
                     "mel_sensitivity", "mel_specificity", "per_class"):
             assert key in m
-        lo, hi = m["balanced_accuracy_ci95"]
-        assert lo <= m["balanced_accuracy"] <= hi
-        assert m["operating_point"]["mel_threshold"] == pytest.approx(decision.mel_threshold)
-        assert set(m["operating_point"]) == {"mel_threshold", "mel_sensitivity", "mel_specificity",
+        assert m["balanced_accuracy_ci95_low"] <= m["balanced_accuracy"] <= m["balanced_accuracy_ci95_high"]
+        assert set(m["operating_point"]) == {"mel_sensitivity", "mel_specificity", "mel_specificity_nv",
                                              "balanced_accuracy"}
+        assert set(m["calibration"]) == {"ece", "ece_uncalibrated", "nll", "brier"}
         assert m["images"] == 4 * len(CLASSES)
-        for plot in ("predictions.csv", "roc.csv", "precision_recall.csv", "per_class.csv"):
-            assert (tmp_path / "metrics" / "plots" / split / plot).exists()
-    val = json.loads((tmp_path / "metrics" / "val.json").read_text())
+        for plot in ("predictions.csv", "roc.csv", "precision_recall.csv", "per_class.csv", "calibration.csv"):
+            assert (tmp / "metrics" / "plots" / split / plot).exists()
+    val, test = read_metrics(tmp, "val"), read_metrics(tmp, "test")
     assert val["operating_point"]["mel_sensitivity"] >= 0.85, "the threshold was chosen on val for this target"
+    assert val["decision"] == {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold,
+                               "temperature": decision.temperature}
+    assert "decision" not in test and "out_of_distribution" not in val
+    ood = test["out_of_distribution"]
+    assert ood["method"] == "mahalanobis" and ood["non_lesion_images"] > 50
+    assert 0 <= ood["lesions_accepted"] <= 1 and 0 <= ood["non_lesion_rejected"] <= 1
+
+
+def test_every_headline_figure_is_a_scalar_dvc_can_diff(evaluated):
+    def leaves(value, path=""):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from leaves(v, f"{path}.{k}")
+        else:
+            yield path, value
+
+    for split in ("val", "test"):
+        for path, value in leaves(read_metrics(evaluated[0], split)):
+            assert not isinstance(value, list), f"{split}{path} is a list"
+
+
+def test_the_stages_figures_are_what_predictor_describe_gives(evaluated):
+    """Same images, same numbers: the shown probabilities, decisions and "unknown"s behind the test
+    figures are those of Predictor.describe, the computation predict and the web page use."""
+    import keras
+    import pandas as pd
+
+    from stages.lib.shards import read_shards
+
+    tmp, paths = evaluated
+    images, labels, _ = read_shards(paths["data_dir"], "test")
+    decision = load_decision(paths["decision_path"])
+    predictor = Predictor(keras.saving.load_model(paths["model_path"]), decision, 8)
+    described, judged = predictor.describe(images), predictor.judge(images)
+    table = pd.read_csv(tmp / "metrics" / "plots" / "test" / "predictions.csv")
+    for row, result in zip(table.itertuples(index=False), described):
+        assert result["probabilities"][row.predicted] == pytest.approx(row.probability, abs=2e-4)
+    test = read_metrics(tmp, "test")
+    assert test["out_of_distribution"]["lesions_accepted"] == pytest.approx(
+        np.mean([r["in_distribution"] for r in described]))
+    assert evaluate.operating_point(labels, judged.decided) == pytest.approx(test["operating_point"])
+    for result, code in zip(described, judged.decided):
+        said = CLASSES[code] if result["in_distribution"] else "unknown"
+        assert result["decision"] == said
+        if result["in_distribution"] and abs(result["mel_probability"] - decision.mel_threshold) > 1e-4:
+            assert (result["decision"] == "mel") == (result["mel_probability"] > decision.mel_threshold)
+
+
+def test_reliability_table_has_both_curves_and_the_shown_ece(evaluated):
+    import pandas as pd
+
+    from stages.lib.calibration import expected_calibration_error
+
+    tmp, _ = evaluated
+    table = pd.read_csv(tmp / "metrics" / "plots" / "test" / "calibration.csv")
+    assert list(table.columns) == ["probabilities", "bin", "confidence", "accuracy", "count"]
+    assert set(table["probabilities"]) == {"calibrated", "uncalibrated"}
+    for curve, key in (("calibrated", "ece"), ("uncalibrated", "ece_uncalibrated")):
+        rows = table[table["probabilities"] == curve]
+        assert rows["count"].sum() == 4 * len(CLASSES)
+        assert expected_calibration_error(rows) == pytest.approx(
+            read_metrics(tmp, "test")["calibration"][key], abs=1e-3)  # the CSV is rounded
+
+
+def test_non_lesion_table_lists_every_kind(evaluated):
+    import pandas as pd
+
+    from stages.lib.non_lesions import KINDS
+
+    table = pd.read_csv(evaluated[0] / "metrics" / "plots" / "test" / "non_lesions.csv")
+    assert list(table["kind"]) == list(KINDS)
+    ood = read_metrics(evaluated[0], "test")["out_of_distribution"]
+    assert table["images"].sum() == ood["non_lesion_images"]
+    assert (table["images"] * table["rejected"]).sum() / table["images"].sum() == pytest.approx(
+        ood["non_lesion_rejected"], abs=1e-3)
+
+
+def test_score_test_false_never_reads_test_and_says_so(evaluated, tmp_path):
+    """A seed sweep: test.json is {"scored": false}, no test plots, and test shards are never opened
+    (they are removed here: reading one would fail)."""
+    import shutil
+
+    _, paths = evaluated
+    shards = tmp_path / "augmented"
+    shutil.copytree(paths["data_dir"], shards)
+    for shard in shards.glob("test-*.npz"):
+        shard.unlink()
+    params = write_params(tmp_path / "params.yaml", evaluate={**EVALUATE, "score_test": False})
+    out = {**paths, "params_path": params, "data_dir": shards, "metrics_dir": tmp_path / "metrics",
+           "decision_path": tmp_path / "decision.json", "ood_path": tmp_path / "ood.npz"}
+    (tmp_path / "metrics" / "plots" / "test").mkdir(parents=True)
+    (tmp_path / "metrics" / "plots" / "test" / "roc.csv").write_text("stale\n")
+    evaluate.main(**out)
+    assert json.loads((tmp_path / "metrics" / "test.json").read_text()) == {"scored": False}
+    assert not (tmp_path / "metrics" / "plots" / "test").exists(), "no stale test tables"
+    assert read_metrics(tmp_path, "val") == read_metrics(evaluated[0], "val"), "val does not depend on test"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -201,7 +336,10 @@ def test_main_writes_val_and_test_metrics_plots_and_the_decision(tiny_shards, tm
     ({**EVALUATE_KEYS, "batch_size": 0}, r"^evaluate: batch_size must be >= 1, got 0$"),
     ({**EVALUATE_KEYS, "tta": "rotations"}, r"^evaluate.tta must be one of \['none', 'flips'\], got 'rotations'$"),
     ({**EVALUATE_KEYS, "mel_sensitivity_target": 1.5}, r"^evaluate: mel_sensitivity_target must be in \(0, 1\]"),
-], ids=["unknown-key", "wrong-type", "zero", "tta", "target"])
+    ({**EVALUATE_KEYS, "ood_keep": 0.3}, r"^evaluate: ood_keep must be in \[0.5, 1\], got 0.3$"),
+    ({**EVALUATE_KEYS, "ood_fit_images": 5}, r"^evaluate: ood_fit_images must be >= 14, got 5$"),
+    ({**EVALUATE_KEYS, "score_test": "no"}, r"^evaluate.score_test must be bool, got 'no'$"),
+], ids=["unknown-key", "wrong-type", "zero", "tta", "target", "ood-keep", "ood-fit", "score-test"])
 def test_bad_params_are_refused_before_the_model_is_read(tmp_path, values, message):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
@@ -209,4 +347,5 @@ def test_bad_params_are_refused_before_the_model_is_read(tmp_path, values, messa
     params = write_params(tmp_path / "params.yaml", evaluate=values)
     with pytest.raises(ParamError, match=message):  # not "model not found": params come first
         evaluate.main(params, tmp_path / "missing", tmp_path / "split", tmp_path / "missing.keras",
-                      tmp_path / "decision.json", metrics)
+                      tmp_path / "decision.json", tmp_path / "ood.npz", metrics)
+    assert (metrics / "test.json").read_text() == '{"balanced_accuracy": 0.7}\n', "left as it was"

@@ -1,4 +1,4 @@
-"""Stage report: Grad-CAM, calibration, subgroups, the model card, and the stage end to end."""
+"""Stage report: Grad-CAM, subgroups, the model card (calibration, "unknown"), and the stage end to end."""
 from __future__ import annotations
 
 import io
@@ -9,15 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, gradcam, report, train
+from stages import evaluate, report, train
+from stages.lib import gradcam
 from stages.lib.cli import ParamError
 from stages.lib.dataset import CLASS_NAMES, CLASSES
+from stages.lib.inference import Judgement, decide
 from stages.lib.params import load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
 
-TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "calibration_bins": 5, "age_bands": [30, 60],
-               "min_group_size": 5}
+TINY_REPORT = {"seed": 3, "gradcam_per_class": 1, "age_bands": [30, 60], "min_group_size": 5}
 SOURCE = {"files": {"HAM10000_metadata.csv": {"bytes": 563_000, "sha256": "ab" * 32},
                     "HAM10000_images_part_1.zip": {"bytes": 1_400_000_000, "sha256": "cd" * 32}}}
 
@@ -105,28 +106,6 @@ def test_contact_sheet_has_a_row_of_correct_and_a_row_of_wrong_cells():
     assert (pixels[bottom - gradcam.PANEL_PX // 2:bottom, :] == 255).all(), "the empty wrong row stays blank"
 
 
-def test_a_perfectly_calibrated_model_has_zero_calibration_error():
-    confidence = np.array([0.95] * 20 + [0.65] * 20)
-    correct = np.array([True] * 19 + [False] + [True] * 13 + [False] * 7)
-    table = report.calibration_table(confidence, correct, bins=10)
-    assert table["bin"].tolist() == ["0.60-0.70", "0.90-1.00"]
-    assert report.expected_calibration_error(table) == pytest.approx(0.0)
-
-
-def test_calibration_bins_and_error_by_hand():
-    confidence = np.array([0.3, 0.35, 0.5, 0.9, 1.0])
-    correct = np.array([True, False, True, False, True])
-    table = report.calibration_table(confidence, correct, bins=5)
-    # bins of 0.2: 0.3 and 0.35 -> [0.2, 0.4); 0.5 -> [0.4, 0.6); 0.9 and 1.0 -> [0.8, 1.0]
-    assert table["bin"].tolist() == ["0.20-0.40", "0.40-0.60", "0.80-1.00"]
-    assert table["count"].tolist() == [2, 1, 2]
-    np.testing.assert_allclose(table["confidence"], [0.325, 0.5, 0.95])
-    np.testing.assert_allclose(table["accuracy"], [0.5, 1.0, 0.5])
-    # ECE = 2/5 |0.5 - 0.325| + 1/5 |1 - 0.5| + 2/5 |0.5 - 0.95|
-    assert report.expected_calibration_error(table) == pytest.approx(0.4 * 0.175 + 0.2 * 0.5 + 0.4 * 0.45)
-    assert report.calibration_table(np.array([0.3]), np.array([True]), 10)["bin"].tolist() == ["0.30-0.40"]
-
-
 def test_subgroups_by_age_band_sex_and_site_flag_small_groups():
     table = pd.DataFrame({
         "actual":       ["mel", "mel", "nv", "nv", "nv", "bcc", "mel", "nv"],
@@ -187,12 +166,23 @@ def write_stage_inputs(root: Path) -> dict[str, Path]:
         proba /= proba.sum(axis=1, keepdims=True)
         if split == "train":
             continue
-        headline, per_class = evaluate.classification_metrics(labels, proba)
-        headline["balanced_accuracy_ci95"] = [0.25, 0.75]
+        judged = Judgement(corrected=proba, decided=decide(proba, 0.3), shown=proba ** 2 / (proba ** 2).sum(1)[:, None],
+                           ood_score=np.zeros(len(labels)), in_distribution=np.arange(len(labels)) % 10 != 0)
+        params = evaluate.EvaluateParams(8, "flips", [0.0], 0.85, 100, 0, 0.95, 100, True)
+        data = evaluate.Scored(labels, proba, np.zeros((len(labels), 4)), ids, ids)
+        headline, tables = evaluate.split_metrics(data, judged, params)
+        headline["balanced_accuracy_ci95_low"], headline["balanced_accuracy_ci95_high"] = 0.25, 0.75
+        if split == "val":
+            headline["decision"] = {"prior_strength": -0.25, "mel_threshold": 0.3, "temperature": 1.5}
+        else:
+            kinds = np.array(["photo", "photo", "noise"])
+            non_lesions = Judgement(proba[:3], labels[:3], proba[:3], np.zeros(3), np.array([False, True, False]))
+            headline["out_of_distribution"], tables["non_lesions.csv"] = evaluate.non_lesion_figures(
+                judged, non_lesions, kinds)
         (metrics_dir / "plots" / split).mkdir(parents=True)
         (metrics_dir / f"{split}.json").write_text(json.dumps(headline))
-        (metrics_dir / "plots" / split / "per_class.csv").write_text(evaluate.per_class_table(per_class))
-        (metrics_dir / "plots" / split / "predictions.csv").write_text(evaluate.predictions_table(ids, labels, proba))
+        for name, text in tables.items():
+            (metrics_dir / "plots" / split / name).write_text(text)
     (metrics_dir / "data.json").write_text(json.dumps({
         "images": 84, "lesions": 84, "exact_duplicates": {"found": 1, "removed": 1, "across_lesions": 0},
         "near_duplicates": {"found": 0, "across_lesions": 0}, "merged_lesion_groups": 0,
@@ -232,7 +222,8 @@ def report_runs(tmp_path_factory) -> tuple[Path, Path]:
 def test_stage_writes_every_file_and_two_runs_are_byte_identical(report_runs):
     first, second = report_runs
     files = folder_bytes(first)
-    assert {"calibration.csv", "summary.json", "subgroups.json", "model_card.md"} <= set(files)
+    assert {"subgroups.json", "model_card.md"} <= set(files)
+    assert not {"calibration.csv", "summary.json"} & set(files), "evaluate writes calibration, in metrics/"
     sheets = sorted(name for name in files if name.startswith("gradcam/"))
     assert sheets == [f"gradcam/{dx}.png" for dx in CLASSES], "one contact sheet per class, nothing else"
     assert files == folder_bytes(second), "same inputs, same bytes"
@@ -246,23 +237,19 @@ def test_gradcam_sheets_hold_one_cell_per_sampled_image(report_runs):
                               gradcam.TITLE_PX + 2 * (gradcam.CAPTION_PX + gradcam.PANEL_PX + gradcam.GAP_PX))
 
 
-def test_summary_is_the_calibration_error_and_subgroups_are_a_plain_file(report_runs):
-    summary = json.loads((report_runs[0] / "summary.json").read_text())
-    assert list(summary) == ["ece"] and 0.0 <= summary["ece"] <= 1.0
+def test_subgroups_are_a_plain_file(report_runs):
     subgroups = json.loads((report_runs[0] / "subgroups.json").read_text())
     assert subgroups["test_images"] == 4 * len(CLASSES) and subgroups["min_group_size"] == 5
     assert set(subgroups["subgroups"]) == {"sex", "age", "localization"}
     assert sum(g["n"] for g in subgroups["subgroups"]["age"].values()) == subgroups["test_images"]
-    calibration = pd.read_csv(report_runs[0] / "calibration.csv")
-    assert list(calibration.columns) == ["bin", "confidence", "accuracy", "count"]
-    assert calibration["count"].sum() == subgroups["test_images"]
 
 
 def test_model_card_has_the_required_sections_and_class_names(report_runs):
     card = (report_runs[0] / "model_card.md").read_text()
-    for heading in ("## Model", "## Data", "## Metrics", "## Confusion matrix (test)", "## Calibration (test)",
+    for heading in ("## Model", "## Data", "## Metrics", "## Confusion matrix (test)",
+                    "## Probabilities and calibration (test)", '## "Unknown": images the model cannot judge',
                     "## Subgroups (test)", "## Grad-CAM (test)", "## Intended use", "## Limitations",
-                    "## How to reproduce"):
+                    "## How to use and reproduce"):
         assert f"\n{heading}\n" in card
     for dx in CLASSES:
         assert f"{dx} ({CLASS_NAMES[dx]})" in card
@@ -276,6 +263,39 @@ def test_model_card_has_the_required_sections_and_class_names(report_runs):
     assert "Not a medical device" in card and "dvc repro" in card
     assert "| true \\ predicted | akiec | bcc | bkl | df | mel | nv | vasc |" in card
     assert "no image file: 2" in card
+
+
+def test_model_card_says_what_the_probabilities_mean_and_when_the_answer_is_unknown(report_runs):
+    card = (report_runs[0] / "model_card.md").read_text()
+    shown = card.split("## Probabilities and calibration (test)")[1].split("\n## ")[0]
+    assert "calibrated to HAM10000's class mix" in shown and "T = 1.500" in shown, "T from val.json's decision"
+    assert "fitted on the validation split" in shown and "do not decide" in shown
+    test = json.loads((report_runs[0].parent.parent / "metrics" / "test.json").read_text())
+    assert f"**{test['calibration']['ece']:.3f}** calibrated, {test['calibration']['ece_uncalibrated']:.3f}" in shown
+    assert "| confidence bin | mean confidence | accuracy | images |" in shown
+    unknown = card.split('## "Unknown": images the model cannot judge')[1].split("\n## ")[0]
+    assert "Mahalanobis" in unknown and "`evaluate.ood_keep`" in unknown
+    assert "On test: 0.893 of the lesions are judged; of 3 non-lesion images" in unknown  # 25 of 28; 2 of 3
+    assert "0.667 are answered `unknown`" in unknown
+    assert "| photo | 2 | 0.500 |" in unknown and "| noise | 1 | 1.000 |" in unknown
+    metrics_table = card.split("## Metrics")[1].split("\n## ")[0]
+    assert "| melanoma threshold on the corrected p(mel) (chosen on validation) | 0.300 | – |" in metrics_table
+    assert "melanoma specificity at the threshold (vs nevi only)" in metrics_table
+    assert "python -m stages.serve" in card and "python -m stages.predict" in card
+
+
+def test_a_test_split_evaluate_did_not_score_is_a_clear_error_and_the_report_stays(tmp_path):
+    from stages.lib.cli import StageError
+
+    inputs = write_stage_inputs(tmp_path)
+    (inputs["metrics_dir"] / "test.json").write_text('{"scored": false}\n')
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "model_card.md").write_text("previous\n")
+    with pytest.raises(StageError, match=r"test.json: test was not scored \(params.yaml evaluate.score_test is "
+                                         r"false\).*dvc repro evaluate$"):
+        report.main(**inputs, report_dir=tmp_path / "report")
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["model_card.md"]
+    assert (tmp_path / "report" / "model_card.md").read_text() == "previous\n"
 
 
 def test_model_card_names_the_files_the_data_came_from(report_runs):
