@@ -220,3 +220,18 @@ def read_table(path: Path, required: tuple[str, ...] = ()):
 def write_table(path: Path, table) -> None:
     atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
 
+
+def atomic_save_model(model, path: Path) -> None:
+    """`model.save(path)` (a Keras model, a .keras file), atomically like atomic_write_bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)  # Keras wants .keras
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
