@@ -2,15 +2,13 @@
 
     python .ci/lock_check.py [--output FILE]   # Markdown; exit status 1: dvc.lock is stale, 2: check failed
 
-`dvc status` compares every stage with dvc.lock. Without a DVC remote (a fresh clone, a pull
-request's CI) data and models are absent, which `dvc status` reports as "deleted" or "not in
-cache": that is missing data, not a stale lock, and is ignored here. What counts as stale:
-- a dependency that is present and differs from dvc.lock (code edited, a git-tracked input changed);
-- a params key that differs (`train.epochs` changed in params.yaml but `dvc repro` not run);
-- a changed command, or a stage of dvc.yaml that dvc.lock does not have;
-- a git-tracked output (metrics, plots: `cache: false`) whose committed bytes differ from dvc.lock.
-Stages after a stale stage will re-run too; `dvc repro` (or `dvc repro --pull --allow-missing`
-with a remote) brings dvc.lock up to date.
+From `dvc status --json`. Without a DVC remote (a fresh clone, a pull request's CI) data and models
+are absent ("deleted", "not in cache"): missing data, not a stale lock, so ignored. Stale means: a
+present dependency that differs from dvc.lock (code edited, a git-tracked input changed); a params
+key that differs (`train.epochs` edited, `dvc repro` not run), named key by key even where a stage
+declares a whole section; a changed command, or a stage dvc.lock lacks; a git-tracked output
+(`cache: false`) whose committed bytes differ. `dvc repro` (with a remote: `dvc repro --pull
+--allow-missing`) brings dvc.lock up to date. Docs: docs/pull_requests.md.
 """
 from __future__ import annotations
 
@@ -25,8 +23,30 @@ import yaml
 MISSING = {"deleted", "not in cache"}  # absent data: expected without a remote
 
 
-def stale_stages(status: dict, yaml_stages: list[str], lock_stages: list[str]) -> dict[str, list[str]]:
-    """Stage -> why its dvc.lock entry is out of date, from `dvc status --json`; missing data ignored."""
+def changed_keys(old, new, prefix: str) -> list[str]:
+    """Dotted keys under `prefix` whose values differ: `train` -> [`train.epochs`] (leaves only)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix] if old != new else []
+    return [key for name in dict.fromkeys([*old, *new])
+            for key in changed_keys(old.get(name), new.get(name), f"{prefix}.{name}")]
+
+
+def param_reasons(changes: dict[str, str], locked: dict, current: dict) -> list[str]:
+    """`param KEY modified|new|deleted`, key by key: a whole declared section (`- train`) is
+    expanded to the keys in it that differ between dvc.lock (`locked`) and the params file."""
+    reasons = []
+    for key, change in changes.items():
+        keys = changed_keys(locked.get(key), current.get(key), key) if change == "modified" else []
+        reasons += [f"param `{name}` {change}" for name in keys or [key]]
+    return reasons
+
+
+def stale_stages(status: dict, yaml_stages: list[str], lock_stages: dict[str, dict],
+                 params_files: dict[str, dict] | None = None) -> dict[str, list[str]]:
+    """Stage -> why its dvc.lock entry is out of date, from `dvc status --json`; missing data ignored.
+
+    `lock_stages`: dvc.lock's stages; `params_files`: path -> the params file as loaded now."""
+    params_files = params_files or {}
     stale: dict[str, list[str]] = {name: ["not in dvc.lock (never run)"] for name in yaml_stages
                                    if name not in lock_stages}
     for stage, entries in status.items():
@@ -43,7 +63,8 @@ def stale_stages(status: dict, yaml_stages: list[str], lock_stages: list[str]) -
                     continue
                 for path, state in changes.items():
                     if isinstance(state, dict):  # a params file: {key: modified | new | deleted}
-                        reasons += [f"param `{key}` {change}" for key, change in state.items()]
+                        locked = (lock_stages.get(name) or {}).get("params", {}).get(path, {})
+                        reasons += param_reasons(state, locked, params_files.get(path, {}))
                     elif state not in MISSING:
                         reasons.append(f"{noun} `{path}` {state}")
         if reasons:
@@ -72,7 +93,11 @@ def check(root: Path = Path(".")) -> dict[str, list[str]]:
     yaml_stages = list((yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {}))
     lock_file = root / "dvc.lock"
     lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) if lock_file.exists() else {}
-    return stale_stages(status, yaml_stages, list((lock or {}).get("stages", {})))
+    lock_stages = (lock or {}).get("stages", {})
+    files = {path for stage in lock_stages.values() for path in stage.get("params", {})}
+    params_files = {path: yaml.safe_load((root / path).read_text(encoding="utf-8")) or {}
+                    for path in files if (root / path).is_file()}
+    return stale_stages(status, yaml_stages, lock_stages, params_files)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,27 +1,20 @@
-"""Build a pull request's report comment: what the branch changes in metrics, params and plots.
+"""Build a pull request's report comment (dvc.lock, metrics, params, plots against the merge base); post it.
 
     python .ci/pr_comment.py BASE_REV [--images-dir DIR] [--images-url URL] [--lock FILE] [--output FILE]
+    python .ci/pr_comment.py --post PR --body-file FILE   # CI: edit the comment that starts with MARKER, or add it
 
-Compares the workspace (the branch as committed, or after `dvc repro`) with BASE_REV, the pull
-request's base commit. It needs no DVC remote: metrics and plot data are git-tracked
-(`cache: false`), so both revisions come from git.
-
-- dvc.lock: whether the committed lock matches the code and params (`.ci/lock_check.py`; `--lock`
-  takes the Markdown that an earlier CI step wrote, before `dvc repro` changed the workspace).
-- Metrics: `dvc metrics diff --json`, validation first (`metrics/val.json`, training curves), then
-  every figure on the test split under its own heading (test, export, calibration).
-- Params: `dvc params diff --md`.
-- Plots: the vega-lite specs that DVC fills for `dvc plots diff` (`--json`: the same spec as
-  `--show-vega` prints, for every plot in one call), rendered to PNG with vl-convert (no browser),
-  validation first, test plots marked. Only plots whose data changed are drawn, each with both
-  revisions; Grad-CAM sheets that changed are shown as the branch has them.
-  Images go to `--images-dir` and are linked as `<images-url>/<file>` (CI pushes them where the
-  comment can show them); without `--images-url` the links are relative to the comment file, for
-  a local preview: `python .ci/pr_comment.py main --output preview/comment.md --images-dir preview/plots`.
+The base is `git merge-base BASE_REV HEAD`: what the branch changed, not what BASE_REV gained since.
+Headline figures come first (validation, then test), a change within the committed configuration's
+seed spread (SEED_SPREAD) marked so; every changed metric and the changed plots (vl-convert PNGs, both
+revisions in one image, to --images-dir) follow, collapsed. No remote needed: metrics and plot data
+are git-tracked. dvc.lock's state is .ci/lock_check.py's, or `--lock`'s Markdown from an earlier step.
+Posting looks the report up by MARKER through the GitHub API (`gh api`), whatever was said after it.
+Docs: docs/pull_requests.md.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -30,16 +23,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-MARKER = "<!-- dvc-pr-report -->"  # lets a reader (or a bot) find this comment among others
+MARKER = "<!-- dvc-pr-report -->"  # the report's first line: how the post step finds it again
 MODEL_CARD = Path("metrics/report/model_card.md")  # written by the `report` stage
 VEGA_LITE_VERSION = "5.21"  # DVC's templates are vega-lite v5 specs
 BRANCH_LABEL = "this branch"
 TEST_METRICS = ("metrics/test.json", "metrics/export.json", "metrics/report/")  # figures on the test split
+# The figures a reviewer reads first, whether they changed or not: (split, what, [(file, key), ...]);
+# a revision shows the first (file, key) it has (ECE moved from the report's summary to test.json).
+HEADLINE = tuple((split, label, ((f"metrics/{split}.json", key),)) for split in ("val", "test") for key, label in (
+    ("balanced_accuracy", "balanced accuracy"),
+    ("balanced_accuracy_ci95", "balanced accuracy, 95% CI"),
+    ("operating_point.mel_sensitivity", "melanoma sensitivity at the operating point"),
+    ("operating_point.mel_specificity", "melanoma specificity at the operating point"),
+)) + (("test", "expected calibration error", (("metrics/test.json", "calibration.ece"),
+                                               ("metrics/report/summary.json", "ece"))),)
+# The committed configuration trained with several seeds (README "Results"): `{split}_{key}` -> sd.
+SEED_SPREAD = Path("experiments/results/white_balance_0.1_vs_zoom_0.2.intel.json")
+SPREAD_SDS = 2  # a change within 2 seed sds is one two runs of the same configuration often show
 
 
-def run(*command: str) -> str:
+def run(*command: str, stdin: str | None = None) -> str:
     """stdout of a command; a failure stops the script with the command's own message."""
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, input=stdin)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr.strip()}")
     return done.stdout
@@ -50,9 +55,10 @@ def dvc(*args: str) -> str:
     return run(sys.executable, "-m", "dvc", *args)
 
 
-def short_revision(revision: str) -> str:
-    """A short commit id, so that headers stay narrow and the revision is exact."""
-    return run("git", "rev-parse", "--short=8", "--verify", f"{revision}^{{commit}}").strip()
+def merge_base(revision: str) -> str:
+    """Short id of the commit where HEAD's branch left `revision`: the base a pull request's diff is against."""
+    base = run("git", "merge-base", f"{revision}^{{commit}}", "HEAD").strip()
+    return run("git", "rev-parse", "--short=8", "--verify", f"{base}^{{commit}}").strip()
 
 
 def table_or(markdown: str, nothing: str) -> str:
@@ -65,6 +71,11 @@ def is_test(path: str) -> bool:
     """Whether a metrics file holds figures on the test split (by name, or one of TEST_METRICS)."""
     return "test" in Path(path).stem or any(path == p or (p.endswith("/") and path.startswith(p))
                                              for p in TEST_METRICS)
+
+
+def details(summary: str, body: str) -> str:
+    """A collapsed block (GitHub Markdown renders inside it given the blank lines)."""
+    return f"<details>\n<summary>{summary}</summary>\n\n{body.strip()}\n\n</details>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +103,13 @@ def flat_keys(value, prefix: str = "") -> list[str]:
     return keys
 
 
+def lookup(value, key: str):
+    """`value["a"]["b"]` for key "a.b"; None where any part is missing."""
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def key_order(path: str, keys) -> list[str]:
     """The metrics of one file in the order the file has them (balanced accuracy first)."""
     try:
@@ -102,33 +120,101 @@ def key_order(path: str, keys) -> list[str]:
     return sorted(keys, key=lambda key: (rank.get(key, len(rank)), key))
 
 
+def change(old, new) -> str:
+    """The signed difference of two numbers; "changed" for other values that differ."""
+    if old == new:
+        return ""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new)):
+        return ("+" if new - old > 0 else "") + fmt(float(new - old))
+    return "changed"
+
+
 def metrics_table(path: str, changes: dict) -> list[str]:
     rows = ["| metric | base | this branch | change |", "|:---|---:|---:|---:|"]
     for key in key_order(path, changes):
-        change = changes[key]
-        diff = change.get("diff")
+        diff = changes[key].get("diff")
         sign = "+" if isinstance(diff, (int, float)) and diff > 0 else ""
         shown = "" if diff is None else sign + fmt(diff)
-        rows.append(f"| {key} | {fmt(change.get('old'))} | {fmt(change.get('new'))} | {shown} |")
+        rows.append(f"| {key} | {fmt(changes[key].get('old'))} | {fmt(changes[key].get('new'))} | {shown} |")
     return rows
 
 
-def metrics_section(base: str) -> str:
-    """Changed metrics, validation and training first, then the test split's, marked as such."""
+def seed_spread(path: Path) -> dict[str, dict]:
+    """`{split}_{key}` -> {"sd", "n", ...} from a seeds summary (experiments/seeds.py); {} if absent."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {name: entry for name, entry in summary.items() if isinstance(entry, dict) and "sd" in entry}
+
+
+def spread_note(split: str, key: str, old, new, spread: dict[str, dict]) -> str:
+    """"within seed spread (sd S)" where |new - old| <= SPREAD_SDS sd of `{split}_{key}` over the seeds."""
+    entry = spread.get(f"{split}_{key.replace('.', '_')}")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
+    if entry is None or not numbers or old == new or abs(new - old) > SPREAD_SDS * entry["sd"]:
+        return ""
+    return f"within seed spread (sd {entry['sd']:.3f})"
+
+
+def first_found(files: dict[str, dict], sources) -> tuple[str | None, object]:
+    """(key, value) of the first (file, key) of `sources` that `files` (path -> JSON) has."""
+    for path, key in sources:
+        value = lookup(files.get(path, {}), key)
+        if value is not None:
+            return key, value
+    return None, None
+
+
+def headline_table(old: dict[str, dict], new: dict[str, dict], spread: dict[str, dict]) -> str:
+    """HEADLINE's rows that either revision has; `old`, `new`: path -> the metrics file's JSON."""
+    rows = ["| split | metric | base | this branch | change | |", "|:---|:---|---:|---:|---:|:---|"]
+    for split, label, sources in HEADLINE:
+        (_, before), (key, after) = first_found(old, sources), first_found(new, sources)
+        if before is None and after is None:
+            continue
+        note = spread_note(split, key, before, after, spread) if key else ""
+        rows.append(f"| {'test' if split == 'test' else 'validation'} | {label} | {fmt(before)} | {fmt(after)} | "
+                    f"{change(before, after)} | {note} |")
+    return "\n".join(rows) if len(rows) > 2 else "No headline figure in either revision."
+
+
+def metrics_at(revision: str | None, path: str) -> dict:
+    """A JSON metrics file as committed at `revision` (None: the workspace); {} if absent."""
+    if revision is None:
+        text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else "{}"
+    else:
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+        text = shown.stdout if shown.returncode == 0 else "{}"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
+
+
+def metrics_section(base: str, spread_file: Path) -> str:
+    """The headline table, then every changed metric (validation and training first) collapsed."""
+    paths = {path for _, _, sources in HEADLINE for path, _ in sources}
+    headline = headline_table({p: metrics_at(base, p) for p in paths}, {p: metrics_at(None, p) for p in paths},
+                              seed_spread(spread_file))
+    legend = (f"A change marked *within seed spread* is at most {SPREAD_SDS} standard deviations of the "
+              f"committed configuration's seeds (`{spread_file}`): one run cannot tell it from noise.")
     diff = json.loads(dvc("metrics", "diff", base, "--json") or "{}")
     diff = {path: changes for path, changes in diff.items() if changes}
     if not diff:
-        return "No metric changed."
+        return "\n\n".join([headline, legend, "No metric changed."])
     parts = []
     groups = (("Validation and training", [p for p in diff if not is_test(p)]),
               ("Test split (held out: compare, never tune on it)", [p for p in diff if is_test(p)]))
-    for title, paths in groups:
-        if not paths:
+    for title, group in groups:
+        if not group:
             continue
         parts += [f"#### {title}", ""]
-        for path in sorted(paths, key=lambda p: (p != "metrics/val.json", p != "metrics/test.json", p)):
+        for path in sorted(group, key=lambda p: (p != "metrics/val.json", p != "metrics/test.json", p)):
             parts += [f"`{path}`", ""] + metrics_table(path, diff[path]) + [""]
-    return "\n".join(parts).rstrip()
+    rows = sum(len(changes) for changes in diff.values())
+    return "\n\n".join([headline, legend, details(f"Every changed metric ({rows} in {len(diff)} files)",
+                                                  "\n".join(parts))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,11 +264,11 @@ def render_png(spec: dict) -> bytes:
 
 
 def plots_section(base: str, images_dir: Path, images_url: str | None, comment_dir: Path) -> str:
-    """Render what changed into `images_dir`; Markdown that shows the images."""
+    """Render what changed into `images_dir`; Markdown that shows the images, collapsed."""
     images_dir.mkdir(parents=True, exist_ok=True)
+    charts, sheets, unchanged = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         shown = json.loads(dvc("plots", "diff", base, "--json", "--out", tmp) or "{}").get("data", {})
-        lines, unchanged = [], []
         for name in sorted(shown, key=plot_order):
             entries = shown[name]
             vega = [e for e in entries if e.get("type") == "vega"]
@@ -202,12 +288,18 @@ def plots_section(base: str, images_dir: Path, images_url: str | None, comment_d
                 target = images_dir / file_name(name)
                 shutil.copyfile(new, target)
             link = f"{images_url.rstrip('/')}/{target.name}" if images_url else _relative(target, comment_dir)
-            lines += [f"**{plot_title(name)}**", "", f"![{plot_title(name)}]({link})", ""]
-    if not lines:
-        lines = ["No plot's data changed.", ""]
+            (charts if vega else sheets).append(f"**{plot_title(name)}**\n\n![{plot_title(name)}]({link})")
+    parts = []
+    if charts:
+        parts.append(details(f"{len(charts)} charts whose data changed (validation first; base and this branch "
+                             "in each)", "\n\n".join(charts)))
+    if sheets:
+        parts.append(details(f"{len(sheets)} Grad-CAM sheets that changed (test images)", "\n\n".join(sheets)))
+    if not parts:
+        parts.append("No plot's data changed.")
     if unchanged:
-        lines += [f"Unchanged: {', '.join(unchanged)}.", ""]
-    return "\n".join(lines).rstrip()
+        parts.append(f"Unchanged: {', '.join(unchanged)}.")
+    return "\n\n".join(parts)
 
 
 def _relative(target: Path, comment_dir: Path) -> str:
@@ -223,20 +315,23 @@ def _relative(target: Path, comment_dir: Path) -> str:
 def lock_section(lock_file: Path | None) -> str:
     if lock_file is not None:
         return lock_file.read_text(encoding="utf-8").strip()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import lock_check
-
+    spec = importlib.util.spec_from_file_location("lock_check", Path(__file__).with_name("lock_check.py"))
+    lock_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock_check)
     return lock_check.markdown(lock_check.check())
 
 
 def comment(base_revision: str, images_dir: Path, images_url: str | None, lock_file: Path | None,
-            comment_dir: Path) -> str:
+            comment_dir: Path, spread_file: Path = SEED_SPREAD) -> str:
     """The whole comment, Markdown."""
-    base = short_revision(base_revision)
+    base = merge_base(base_revision)
     params = table_or(dvc("params", "diff", "--md", base), "No parameter changed.")
     return "\n".join([
         MARKER,
-        f"## DVC report: `{base}` (base) → {BRANCH_LABEL}",
+        f"## DVC report: `{base}` (merge base) → {BRANCH_LABEL}",
+        "",
+        f"Against `{base}`, where this branch left `{base_revision}`: what the branch changes, not what "
+        f"`{base_revision}` gained since.",
         "",
         "### dvc.lock",
         "",
@@ -244,7 +339,7 @@ def comment(base_revision: str, images_dir: Path, images_url: str | None, lock_f
         "",
         "### Metrics",
         "",
-        metrics_section(base),
+        metrics_section(base, spread_file),
         "",
         "### Params",
         "",
@@ -258,16 +353,51 @@ def comment(base_revision: str, images_dir: Path, images_url: str | None, lock_f
          if MODEL_CARD.exists() else []))
 
 
+# --------------------------------------------------------------------------------------------
+# Posting (CI)
+# --------------------------------------------------------------------------------------------
+def report_comment(comments: list[dict]) -> int | None:
+    """Id of the last comment whose body starts with MARKER (the report posted before), if any."""
+    ids = [c["id"] for c in comments if (c.get("body") or "").lstrip().startswith(MARKER)]
+    return ids[-1] if ids else None
+
+
+def post(pr: int, body: str) -> str:
+    """Edit the pull request's report comment, or add one; its URL. Needs `gh` with GH_TOKEN, GH_REPO."""
+    listed = run("gh", "api", "--paginate", f"repos/{{owner}}/{{repo}}/issues/{pr}/comments",
+                 "--jq", ".[] | {id, body} | @json")
+    found = report_comment([json.loads(line) for line in listed.splitlines() if line.strip()])
+    payload = json.dumps({"body": body})
+    if found is None:
+        done = run("gh", "api", "--method", "POST", f"repos/{{owner}}/{{repo}}/issues/{pr}/comments",
+                   "--input", "-", stdin=payload)
+    else:
+        done = run("gh", "api", "--method", "PATCH", f"repos/{{owner}}/{{repo}}/issues/comments/{found}",
+                   "--input", "-", stdin=payload)
+    return json.loads(done).get("html_url", "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="base revision: the pull request's base commit or branch")
+    parser.add_argument("base", nargs="?", help="base revision: the pull request's base branch or commit")
     parser.add_argument("--images-dir", type=Path, default=Path("pr_plots"), help="where to write the plot images")
     parser.add_argument("--images-url", help="URL the images will be served from (default: relative links)")
     parser.add_argument("--lock", type=Path, help="Markdown from .ci/lock_check.py (default: check now)")
+    parser.add_argument("--seed-spread", type=Path, default=SEED_SPREAD,
+                        help=f"seeds summary whose sd marks a change as noise (default: {SEED_SPREAD})")
     parser.add_argument("--output", type=Path, help="write the Markdown here instead of stdout")
+    parser.add_argument("--post", type=int, metavar="PR", help="post --body-file as pull request PR's report")
+    parser.add_argument("--body-file", type=Path, help="with --post: the comment to post")
     args = parser.parse_args(argv)
+    if args.post is not None:
+        if args.body_file is None:
+            parser.error("--post needs --body-file")
+        print(post(args.post, args.body_file.read_text(encoding="utf-8")))
+        return
+    if args.base is None:
+        parser.error("give the base revision (or --post)")
     comment_dir = args.output.parent if args.output else Path(".")
-    text = comment(args.base, args.images_dir, args.images_url, args.lock, comment_dir)
+    text = comment(args.base, args.images_dir, args.images_url, args.lock, comment_dir, args.seed_spread)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text, encoding="utf-8")
