@@ -1,23 +1,27 @@
-"""Score the runs of experiments/seeds.py with evaluate's own rule: mean and sd over seeds.
+"""Score saved class probabilities of several seeds with evaluate's own rule: mean and sd over seeds.
 
     python -m experiments.score_seeds runs/seeds [--params params.yaml]
         [--against experiments/results/160px_10ep_zoom_0.1.amd.json]
 
-For each `seed<N>.npz`, the decision rule is chosen on validation exactly as `evaluate` does it
-(`evaluate.choose_decision`: flips as set in params, prior strength, melanoma threshold) and both
-splits are scored with it. Prints one row per seed and the mean ± sd, and writes `summary.json`.
-With `--against`, another configuration's summary: the paired difference per seed they share.
+Input: a folder of `seed<N>.npz` files (`val_labels`, `val_<tta>` for every test-time view, and
+the same for test where it was scored; `save_probabilities` writes them whole; sweep_jax scores
+its own runs with `score_run`) beside `seed<N>.json`. For each, the decision rule is chosen on
+validation exactly as `evaluate` does it (`evaluate.choose_decision`) and every split is scored
+with it. Prints one row per seed and the mean ± sd, and writes `summary.json`; with `--against`,
+another configuration's summary: the paired difference per seed they share. DVC experiments
+are summarised by experiments/sweep_summary.py, with the same `mean_sd` and `paired_differences`.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
 import numpy as np  # noqa: E402
 
 from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
-from stages.lib.files import atomic_write_json  # noqa: E402
+from stages.lib.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from stages.lib.inference import corrected, decide  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
 
@@ -32,22 +36,35 @@ def mean_sd(values) -> dict:
 
 
 def paired_differences(runs: dict, baseline: dict) -> dict:
-    """This configuration's figure minus the baseline's, per seed run by both, and their mean ± sd.
+    """Per figure, this configuration's value minus the baseline's for each seed both ran, and their mean ± sd.
 
-    The same seed draws the same data order and augmentation, so the paired difference is less noisy
-    than the difference of two means (on one CPU; another CPU's numerics make it a different run).
+    `runs` and `baseline` map a seed to {figure: value}; a figure is compared where every shared
+    seed has it on both sides. The same seed draws the same data order and augmentation, so the
+    paired difference is less noisy than the difference of two means (on one CPU; another CPU's
+    numerics make it a different run).
     """
-    seeds = sorted(set(runs) & set(baseline))
+    seeds = sorted(set(runs) & set(baseline), key=str)
     if not seeds:
-        raise SystemExit(f"no seed in common: {sorted(runs)} against {sorted(baseline)}")
+        raise SystemExit(f"no seed in common: {sorted(runs, key=str)} against {sorted(baseline, key=str)}")
     paired = {}
-    for split in ("val", "test"):
-        if not all(split in runs[seed] and split in baseline[seed] for seed in seeds):
-            continue
-        for key in ("balanced_accuracy", "balanced_accuracy_plain"):
-            per_seed = {seed: runs[seed][split][key] - baseline[seed][split][key] for seed in seeds}
-            paired[f"{split}_{key}"] = {"per_seed": per_seed} | mean_sd(list(per_seed.values()))
+    for name in runs[seeds[0]]:
+        if all(name in runs[seed] and name in baseline[seed] for seed in seeds):
+            per_seed = {seed: runs[seed][name] - baseline[seed][name] for seed in seeds}
+            paired[name] = {"per_seed": per_seed} | mean_sd(list(per_seed.values()))
     return paired
+
+
+def paired_figures(rows: dict) -> dict:
+    """score_run's rows as paired_differences takes them: {seed: {"<split>_<key>": value}}."""
+    return {seed: {f"{split}_{key}": row[split][key] for split in ("val", "test") if split in row
+                   for key in ("balanced_accuracy", "balanced_accuracy_plain")} for seed, row in rows.items()}
+
+
+def save_probabilities(npz: Path, probabilities: dict) -> None:
+    """Whole or not at all: score_seeds reads every seed*.npz, so a run stopped mid-write must leave none."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **probabilities)
+    atomic_write_bytes(npz, buffer.getvalue())
 
 
 def score_run(npz: Path, params: EvaluateParams, train_labels: np.ndarray) -> dict:
@@ -90,7 +107,8 @@ def main() -> None:
             [r[split]["operating_point"]["mel_sensitivity"] for r in rows.values()])
     if args.against:
         baseline = json.loads(args.against.read_text())["runs"]
-        summary["paired_against"] = {"baseline": str(args.against)} | paired_differences(rows, baseline)
+        summary["paired_against"] = {"baseline": str(args.against)} | paired_differences(
+            paired_figures(rows), paired_figures(baseline))
     atomic_write_json(args.runs / "summary.json", summary)
     for name, r in rows.items():
         print(f"{name}: strength {r['prior_strength']}", *(

@@ -29,17 +29,35 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from experiments.score_seeds import mean_sd, score_run  # noqa: E402
-from experiments.seeds import parse_override, save_probabilities, train_params  # noqa: E402
+from experiments.score_seeds import mean_sd, save_probabilities, score_run  # noqa: E402
 from stages import augment, train  # noqa: E402
 from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
 from stages.lib.files import atomic_write_json  # noqa: E402
 from stages.lib.inference import VIEWS, predict_proba  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
+from stages.lib.params import from_dict, load_params  # noqa: E402
 from stages.lib.shards import read_shards  # noqa: E402
 from stages.train import affine_about_centre, contrast_then_brightness  # noqa: E402
 
 log = logging.getLogger("sweep")
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`train.a.b=value` -> (["a", "b"], value), as `dvc exp run -S` takes it."""
+    key, _, value = text.partition("=")
+    if not key.startswith("train.") or not value:
+        raise argparse.ArgumentTypeError(f"expected train.<key>=<value>, got {text!r}")
+    return key.removeprefix("train.").split("."), yaml.safe_load(value)
+
+
+def train_params(params_path: Path, overrides: list[tuple[list[str], object]], seed: int) -> train.TrainParams:
+    """params.yaml's `train` section with the overrides and the seed, checked like the stage's own."""
+    section = dataclasses.asdict(load_params("train", train.TrainParams, params_path))
+    for path, value in [*overrides, (["seed"], seed)]:
+        parent = section
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = value
+    return from_dict(train.TrainParams, section, "train")
 
 
 @dataclasses.dataclass(frozen=True)
