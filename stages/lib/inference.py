@@ -264,7 +264,7 @@ def describe(decision: Decision, judged: Judgement) -> list[dict[str, Any]]:
              "decision": CLASSES[judged.decided[n]] if judged.in_distribution[n] else UNKNOWN,
              "in_distribution": bool(judged.in_distribution[n]),
              "ood_score": round(float(judged.ood_score[n]), DIGITS),
-             "mel_probability": round(float(judged.corrected[n, MELANOMA]), DIGITS),
+             "mel_probability": float(judged.corrected[n, MELANOMA]),  # unrounded: compared with the threshold
              "mel_threshold": float(decision.mel_threshold)}
             for n in range(len(judged.decided))]
 
@@ -288,5 +288,6 @@ class Predictor:
         """Per image of `images` (uint8, N x size x size x 3): {"top": 3 x {dx, name, probability},
         "probabilities": {dx: p}, "decision": dx or "unknown", "in_distribution", "ood_score",
         "mel_probability" (the corrected p(mel) the threshold is applied to), "mel_threshold"}.
-        Probabilities are calibrated; figures are rounded to 4 decimals."""
+        Probabilities are calibrated and rounded to 4 decimals, as is ood_score; the melanoma
+        figures are not, so that reading them gives the decision's own comparison."""
         return describe(self.decision, self.judge(images))
