@@ -28,13 +28,16 @@ MODEL_CARD = Path("metrics/report/model_card.md")  # written by the `report` sta
 VEGA_LITE_VERSION = "5.21"  # DVC's templates are vega-lite v5 specs
 BRANCH_LABEL = "this branch"
 TEST_METRICS = ("metrics/test.json", "metrics/export.json", "metrics/report/")  # figures on the test split
-# The figures a reviewer reads first, whether they changed or not: (split, what, [(file, key), ...]);
-# a revision shows the first (file, key) it has (ECE moved from the report's summary to test.json).
-HEADLINE = tuple((split, label, ((f"metrics/{split}.json", key),)) for split in ("val", "test") for key, label in (
-    ("balanced_accuracy", "balanced accuracy"),
-    ("balanced_accuracy_ci95", "balanced accuracy, 95% CI"),
-    ("operating_point.mel_sensitivity", "melanoma sensitivity at the operating point"),
-    ("operating_point.mel_specificity", "melanoma specificity at the operating point"),
+# The figures a reviewer reads first, whether they changed or not: (split, what, [(file, key), ...]).
+# A revision shows the first (file, key) it has, so older layouts still compare (the interval was
+# one list before its two scalars; ECE was in the report's summary); a tuple of keys shows as a list.
+HEADLINE = tuple((split, label, tuple((f"metrics/{split}.json", key) for key in keys))
+                 for split in ("val", "test") for label, keys in (
+    ("balanced accuracy", ("balanced_accuracy",)),
+    ("balanced accuracy, 95% CI", (("balanced_accuracy_ci95_low", "balanced_accuracy_ci95_high"),
+                                   "balanced_accuracy_ci95")),
+    ("melanoma sensitivity at the operating point", ("operating_point.mel_sensitivity",)),
+    ("melanoma specificity at the operating point", ("operating_point.mel_specificity",)),
 )) + (("test", "expected calibration error", (("metrics/test.json", "calibration.ece"),
                                                ("metrics/report/summary.json", "ece"))),)
 # The committed configuration trained with several seeds (README "Results"): `{split}_{key}` -> sd.
@@ -103,8 +106,11 @@ def flat_keys(value, prefix: str = "") -> list[str]:
     return keys
 
 
-def lookup(value, key: str):
-    """`value["a"]["b"]` for key "a.b"; None where any part is missing."""
+def lookup(value, key: str | tuple[str, ...]):
+    """`value["a"]["b"]` for key "a.b"; a list for a tuple of keys; None where any part is missing."""
+    if isinstance(key, tuple):
+        found = [lookup(value, one) for one in key]
+        return None if None in found else found
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value
@@ -157,7 +163,7 @@ def spread_note(split: str, key: str, old, new, spread: dict[str, dict]) -> str:
     return f"within seed spread (sd {entry['sd']:.3f})"
 
 
-def first_found(files: dict[str, dict], sources) -> tuple[str | None, object]:
+def first_found(files: dict[str, dict], sources) -> tuple[str | tuple | None, object]:
     """(key, value) of the first (file, key) of `sources` that `files` (path -> JSON) has."""
     for path, key in sources:
         value = lookup(files.get(path, {}), key)
@@ -173,7 +179,7 @@ def headline_table(old: dict[str, dict], new: dict[str, dict], spread: dict[str,
         (_, before), (key, after) = first_found(old, sources), first_found(new, sources)
         if before is None and after is None:
             continue
-        note = spread_note(split, key, before, after, spread) if key else ""
+        note = spread_note(split, key, before, after, spread) if isinstance(key, str) else ""
         rows.append(f"| {'test' if split == 'test' else 'validation'} | {label} | {fmt(before)} | {fmt(after)} | "
                     f"{change(before, after)} | {note} |")
     return "\n".join(rows) if len(rows) > 2 else "No headline figure in either revision."

@@ -32,7 +32,7 @@ os.makedirs("metrics", exist_ok=True)
 def split(shift):
     ba = round(acc - shift, 4)
     return {"balanced_accuracy": ba, "per_class": {"mel": {"recall": ba}},
-            "balanced_accuracy_ci95": [round(ba - 0.05, 4), round(ba + 0.05, 4)],
+            "balanced_accuracy_ci95_low": round(ba - 0.05, 4), "balanced_accuracy_ci95_high": round(ba + 0.05, 4),
             "operating_point": {"mel_sensitivity": 0.85, "mel_specificity": round(ba - 0.1, 4)}}
 
 
@@ -154,7 +154,7 @@ def test_headline_figures_come_first_and_the_rest_is_collapsed(rendered):
     assert "| test | expected calibration error | 0.0100 | 0.0200 | +0.0100 |  |" in rows
     assert "#### Validation and training" not in headline
     summary = re.search(r"<summary>Every changed metric \((\d+) in (\d+) files\)</summary>", rest)
-    assert summary and summary.groups() == ("7", "2") and rest.rstrip().endswith("</details>")
+    assert summary and summary.groups() == ("11", "2") and rest.rstrip().endswith("</details>")
     plots = text.split("### Plots")[1]
     assert plots.lstrip().startswith("<details>\n<summary>2 charts whose data changed")
 
@@ -183,6 +183,12 @@ def test_spread_notes_and_headline_rows_as_functions():
     table = script.headline_table({"metrics/report/summary.json": {"ece": 0.05}},
                                   {"metrics/test.json": {"calibration": {"ece": 0.04}}}, {})
     assert table.splitlines()[2:] == ["| test | expected calibration error | 0.0500 | 0.0400 | -0.0100 |  |"]
+    # the interval was one list before its two scalars
+    table = script.headline_table({"metrics/test.json": {"balanced_accuracy_ci95": [0.6, 0.7]}},
+                                  {"metrics/test.json": {"balanced_accuracy_ci95_low": 0.62,
+                                                         "balanced_accuracy_ci95_high": 0.72}}, {})
+    assert table.splitlines()[2:] == ["| test | balanced accuracy, 95% CI | [0.6000, 0.7000] | [0.6200, 0.7200] | "
+                                      "changed |  |"]
     assert script.headline_table({}, {}, {}) == "No headline figure in either revision."
 
 
