@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from stages.lib import inference
 from stages.lib.cli import StageError, command_parser
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.images import ImageError, open_rgb, resize_square
 from stages.lib.inference import PLAIN, Decision, Predictor
 
 DEFAULT_MODEL = Path("models/model.keras")
-TOP = 3
 BATCH_SIZE = 32  # images decoded and predicted together (one predict_on_batch call): bounded memory
 FORMATS = ("JPEG", "PNG")  # Pillow's names of the only formats accepted (what the help promises)
 SMALL_FRACTION = 0.5  # an image side below this fraction of the model's input side gets a warning
@@ -40,7 +40,7 @@ MAX_MESSAGE = 300  # characters of a loader's own error kept in the one-line usa
 UNPRINTABLE = ("Cc", "Cf", "Zl", "Zp", "Cs")  # Unicode categories escaped in the table
 NOTICE = ("Research tool, not a medical device: its output must not be used for diagnosis "
           "or to decide on treatment. See a dermatologist about any lesion that worries you. "
-          "Probabilities reflect a class-balanced training prior, not how common each disease is.")
+          "Probabilities are calibrated to HAM10000's mix of diseases, not to how common each is where you are.")
 EXIT_STATUS = ("exit status: 0 all images predicted; 1 some image failed (the others' results are still "
                "printed); 2 usage error (bad arguments, model or decision file)")
 
@@ -97,16 +97,6 @@ def how_to_get(path: Path, stage: str, broken: bool = False) -> str:
     return repro
 
 
-def top_k(proba: np.ndarray, k: int) -> list[dict[str, Any]]:
-    """The k most probable classes of one image, most probable first (ties: class-code order).
-
-    Probabilities are rounded to 4 decimals: more digits would be false precision.
-    """
-    order = np.argsort(-np.asarray(proba), kind="stable")[:k]
-    return [{"dx": CLASSES[c], "name": CLASS_NAMES[CLASSES[c]], "probability": round(float(proba[c]), 4)}
-            for c in order]
-
-
 def input_size(model) -> int:
     """The square side the model was trained at, read from its input shape (None, s, s, 3)."""
     shape = tuple(model.input_shape)
@@ -139,8 +129,16 @@ def predict_files(model, paths: Sequence[str], decision: Decision | None = None,
     "image" is the path as display_name gives it. Without a `decision` (tests, raw use) the
     model's plain probabilities are ranked ("top", "probabilities") and no `decision` is given.
     """
-    size = input_size(model)
-    predictor = Predictor(model, decision or PLAIN, batch_size)
+    input_size(model)  # a model that does not take square RGB images is a usage error
+    return describe_files(Predictor(model, decision or PLAIN, batch_size), paths, batch_size,
+                          keys=None if decision is not None else ("top", "probabilities"))
+
+
+def describe_files(predictor: Predictor, paths: Sequence[str], batch_size: int = BATCH_SIZE,
+                   keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """predict_files with a Predictor made once (`serve` answers every upload with its own);
+    `keys`: which of Predictor.describe's keys each result keeps (None: all)."""
+    size = predictor.image_size
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         chunk = [(str(p), {"image": display_name(str(p))}) for p in paths[start:start + batch_size]]
@@ -155,18 +153,19 @@ def predict_files(model, paths: Sequence[str], decision: Decision | None = None,
             decoded.append((result, result_warnings))
         if pixels:
             for (result, result_warnings), shown in zip(decoded, predictor.describe(np.stack(pixels))):
-                result.update(shown if decision is not None else {k: shown[k] for k in ("top", "probabilities")})
+                result.update(shown if keys is None else {k: shown[k] for k in keys})
                 result["warnings"] = result_warnings
         results.extend(result for _, result in chunk)
     return results
 
 
 def decision_text(result: dict[str, Any]) -> str:
-    """The table's decision cell: the class, and p(mel) against the operating point's threshold."""
+    """The table's decision cell: the class, and the melanoma score (p(mel) before calibration)
+    against the operating point's threshold."""
     said = result.get("decision", "")
-    if "mel_probability" in result and "mel_threshold" in result:
+    if "mel_probability" in result and "mel_threshold" in result and result.get("in_distribution", True):
         p, threshold = result["mel_probability"], result["mel_threshold"]
-        said += f" (p(mel) {p:.1%} {'>=' if p >= threshold else '<'} threshold {threshold:.1%})"
+        said += f" (mel score {p:.1%} {'>=' if p >= threshold else '<'} threshold {threshold:.1%})"
     return said
 
 
@@ -204,8 +203,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def load_model(path: Path):
-    """The trained Keras model, checked to map (size, size, 3) images to the 7 classes, or a
-    one-line UsageError that says what to run."""
+    """The trained Keras model, checked to map (size, size, 3) images to the 7 classes through
+    the layers Predictor reads, or a one-line UsageError that says what to run."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"model {printable(str(path))} is a directory, not a model file")
@@ -225,6 +224,11 @@ def load_model(path: Path):
         raise UsageError(f"model {printable(str(path))} gives outputs {outputs}, not the {len(CLASSES)} "
                          f"classes ({how_to_get(path, 'train', broken=True)})")
     input_size(model)
+    try:
+        inference.feature_model(model)  # the out-of-distribution check reads the pooled features
+    except StageError as err:
+        raise UsageError(f"model {printable(str(path))}: {one_line(err)} ({how_to_get(path, 'train', broken=True)})"
+                         ) from None
     return model
 
 
@@ -234,7 +238,7 @@ def load_decision(path: Path) -> Decision:
     if path.is_dir():
         raise UsageError(f"decision file {printable(str(path))} is a directory, not a JSON file")
     try:
-        return Decision.load(path)
+        return inference.load_decision(path)
     except (StageError, OSError) as err:
         hint = f"; or fetch it: dvc pull --force {printable(str(path))}" if dvc_remote_configured() else ""
         raise UsageError(one_line(err) + hint) from None

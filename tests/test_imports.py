@@ -15,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "stages"
+COMMANDS = ("predict", "serve")  # entry points that are not DVC stages
 # Shared modules and the project modules each may import (besides cli, whose errors any may raise).
 SHARED_MAY_IMPORT = {
     "stages/lib/dataset.py": set(),
@@ -108,7 +109,8 @@ def test_no_stage_imports_another_stage():
 
 
 def test_every_project_module_is_in_some_closure_or_is_a_command():
-    """A module no stage imports is dead code or a command (predict); catch stale leftovers."""
-    used = set().union(*(closure(stage_module(s)) for s in dvc_stages().values()), closure("stages/predict.py"))
+    """A module no stage imports is dead code or a command (predict, serve); catch stale leftovers."""
+    used = set().union(*(closure(stage_module(s)) for s in dvc_stages().values()),
+                       *(closure(f"stages/{command}.py") for command in COMMANDS))
     files = {p.relative_to(ROOT).as_posix() for p in (ROOT / PACKAGE).rglob("*.py") if p.name != "__init__.py"}
-    assert files <= used, f"not imported by any stage or by predict: {sorted(files - used)}"
+    assert files <= used, f"not imported by any stage or command: {sorted(files - used)}"

@@ -18,7 +18,8 @@ from PIL import Image
 from stages import predict
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.images import load_image
-from stages.lib.inference import Decision
+from stages.lib.inference import Decision, top_k
+from stages.lib.ood import FEATURE_LAYER, OodDetector
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import image_pixels, jpeg_bytes
@@ -81,11 +82,11 @@ def bad_images(tmp_path) -> dict[str, Path]:
 
 def test_top_k_ranks_most_probable_first_with_class_names():
     proba = np.array([0.05, 0.02, 0.10, 0.01, 0.61234567, 0.11, 0.10])
-    top = predict.top_k(proba, 3)
+    top = top_k(proba, 3)
     assert top == [{"dx": "mel", "name": "melanoma", "probability": 0.6123},
                    {"dx": "nv", "name": "melanocytic nevi", "probability": 0.11},
                    {"dx": "bkl", "name": "benign keratosis", "probability": 0.1}]  # tie with vasc: class order
-    assert [c["dx"] for c in predict.top_k(proba, 7)] == ["mel", "nv", "bkl", "vasc", "akiec", "bcc", "df"]
+    assert [c["dx"] for c in top_k(proba, 7)] == ["mel", "nv", "bkl", "vasc", "akiec", "bcc", "df"]
 
 
 def test_predictions_are_the_models_on_load_image_in_batches(model_and_path, good_images):
@@ -95,7 +96,7 @@ def test_predictions_are_the_models_on_load_image_in_batches(model_and_path, goo
     assert [r["image"] for r in results] == paths
     pixels = np.stack([load_image(Path(p), 32) for p in paths]).astype(np.float32)
     for result, expected in zip(results, model.predict(pixels, verbose=0)):
-        want = predict.top_k(expected, 3)
+        want = top_k(expected, 3)
         assert [c["dx"] for c in result["top"]] == [c["dx"] for c in want]
         probabilities = [c["probability"] for c in result["top"]]
         assert probabilities == pytest.approx([c["probability"] for c in want], abs=2e-4)  # other batch
@@ -137,7 +138,7 @@ def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_pat
     lines = out.splitlines()
     assert status == 1
     assert lines[0].split() == ["image", "#", "dx", "name", "probability", "decision"]
-    assert lines[1].startswith(str(good_images[2])) and lines[1].split()[-1] in CLASSES
+    assert lines[1].startswith(str(good_images[2])) and lines[1].split("%", 1)[1].split()[0] in CLASSES
     assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
     assert lines[4].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[4]
     assert "2 image(s), 1 failed." in out and out.rstrip().endswith(predict.NOTICE)
@@ -180,10 +181,13 @@ def broken_models(folder: Path) -> dict[str, Path]:
     three = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
                               keras.layers.Dense(3, activation="softmax")])
     three.save(folder / "three.keras")
+    foreign = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(name="gap"),
+                                keras.layers.Dense(len(CLASSES), activation="softmax")])
+    foreign.save(folder / "foreign.keras")
     (folder / "garbage.keras").write_bytes(b"not a zip file\n" * 50)
     (folder / "folder.keras").mkdir()
     return {"garbage": folder / "garbage.keras", "three-classes": folder / "three.keras",
-            "directory": folder / "folder.keras"}
+            "no-feature-layer": folder / "foreign.keras", "directory": folder / "folder.keras"}
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["no-remote", "remote"])
@@ -261,6 +265,32 @@ def test_an_image_far_below_the_input_size_gets_a_warning(model_and_path, tmp_pa
     assert lines[4].split() == ["warning:", *warning.split()]
 
 
+SHOWN = {"image", "top", "probabilities", "decision", "in_distribution", "ood_score", "mel_probability",
+         "mel_threshold", "warnings"}
+
+
+@pytest.mark.parametrize("threshold", [1e9, 0.0], ids=["judged", "out-of-distribution"])
+def test_json_carries_the_shown_fields_and_unknown_when_out_of_distribution(model_and_path, good_images, tmp_path,
+                                                                           capsys, threshold):
+    """A detector that accepts every image, then one that accepts none: "unknown", and the table's
+    warning row."""
+    model, model_path = model_and_path
+    width = int(model.get_layer(FEATURE_LAYER).output.shape[-1])
+    detector = OodDetector(threshold=threshold, keep=0.95, means=np.full((1, width), 1e3), precision=np.eye(width))
+    rule = Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85, ood=detector)
+    rule.save(tmp_path / "decision.json")
+    args = ["--model", str(model_path), "--decision", str(tmp_path / "decision.json"), str(good_images[0])]
+    assert predict.main(["--json", *args]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert set(result) == SHOWN and result["warnings"] == []
+    assert result["in_distribution"] == (threshold > 0) and result["ood_score"] > 0
+    assert sorted(result["probabilities"]) == sorted(CLASSES) and result["mel_threshold"] == 0.3
+    assert (result["decision"] == "unknown") == (threshold == 0)
+    assert predict.main(args) == 0
+    table = capsys.readouterr().out
+    assert ("warning: not a lesion this model can judge" in table) == (threshold == 0)
+
+
 def test_the_table_warns_when_the_image_is_out_of_distribution():
     top = [{"dx": "nv", "name": "melanocytic nevi", "probability": 0.6},
            {"dx": "mel", "name": "melanoma", "probability": 0.3},
@@ -269,7 +299,7 @@ def test_the_table_warns_when_the_image_is_out_of_distribution():
               "mel_probability": 0.3, "mel_threshold": 0.25, "warnings": []}
     unknown = {**judged, "image": "cat.jpg", "decision": "unknown", "in_distribution": False, "ood_score": 42.0}
     lines = predict.format_table([judged, unknown]).splitlines()
-    assert lines[1].split()[-6:] == ["mel", "(p(mel)", "30.0%", ">=", "threshold", "25.0%)"]
+    assert lines[1].split()[-7:] == ["mel", "(mel", "score", "30.0%", ">=", "threshold", "25.0%)"]
     assert "unknown" in lines[4]
     assert lines[7].split()[:8] == ["warning:", "not", "a", "lesion", "this", "model", "can", "judge:"]
     assert "42" in lines[7] and sum("warning:" in line for line in lines) == 1

@@ -1,0 +1,259 @@
+"""Command serve: the page, the upload API's answers and 4xx errors (Starlette's TestClient on a
+tiny model), the same JSON as `predict --json`, the command line, and a real Chromium on a real
+server (skipped only where no Chromium is installed; .ci/run installs it)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stages import predict, serve
+from stages.lib.dataset import CLASSES
+from stages.lib.inference import Decision
+from stages.lib.shards import read_shards
+from tests.conftest import make_shards
+from tests.fixtures import image_pixels, jpeg_bytes
+from tests.tiny_model import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT = 100_000  # the upload cap in these tests: small, so that going over it is cheap
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A saved tiny model and decision file, and both loaded as `serve` loads them."""
+    folder = tmp_path_factory.mktemp("serve")
+    images, _, _ = read_shards(make_shards(folder / "augmented"), "train")
+    tiny_model(images).save(folder / "model.keras")
+    Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
+    model = predict.load_model(folder / "model.keras")
+    return folder, model, predict.load_decision(folder / "decision.json")
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from starlette.testclient import TestClient
+
+    _, model, decision = served
+    with TestClient(serve.create_app(model, decision, max_upload_bytes=LIMIT)) as test_client:
+        yield test_client
+
+
+LESION = jpeg_bytes(image_pixels("lesion", (120, 90)))
+
+
+def upload(client, data: bytes, name: str = "lesion.jpg", field: str = serve.FIELD):
+    return client.post("/api/predict", files={field: (name, data, "application/octet-stream")})
+
+
+def test_the_page_is_self_contained_and_carries_the_notice(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "not a medical device" in page and "{{" not in page
+    assert "http://" not in page and "https://" not in page, "nothing may come from elsewhere (no CDN)"
+    assert '<input type="file"' in page and f'name="{serve.FIELD}"' in page
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+    assert policy.count("'sha256-") == 2, "exactly the page's own script and style may run"
+
+
+def test_a_good_upload_answers_what_predict_prints_for_the_same_file(client, served, tmp_path, monkeypatch, capsys):
+    folder, _, _ = served
+    response = upload(client, LESION)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    (tmp_path / "lesion.jpg").write_bytes(LESION)
+    monkeypatch.chdir(tmp_path)
+    assert predict.main(["--json", "--model", str(folder / "model.keras"), "lesion.jpg"]) == 0
+    [printed] = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in answer.items() if k != "gradcam_png"} == printed
+    assert answer["image"] == "lesion.jpg" and answer["decision"] in CLASSES
+
+
+def test_the_answer_carries_a_gradcam_overlay_as_a_png_data_url(client):
+    answer = upload(client, LESION).json()
+    prefix = "data:image/png;base64,"
+    assert answer["gradcam_png"].startswith(prefix)
+    overlay = Image.open(io.BytesIO(base64.b64decode(answer["gradcam_png"][len(prefix):])))
+    assert overlay.format == "PNG" and overlay.mode == "RGB"
+    assert overlay.size == (serve.OVERLAY_SIDE, serve.OVERLAY_SIDE * 90 // 120), "the image's own proportions"
+
+
+def tiff_bytes() -> bytes:
+    buffer = io.BytesIO()
+    image_pixels("lesion", (120, 90)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("data", "status", "words"), [
+    (b"", 422, "lesion.jpg: empty file (0 bytes)"),
+    (b"just some text, not an image", 422, "lesion.jpg: not an image (unrecognised format)"),
+    (LESION[: len(LESION) // 2], 422, "lesion.jpg: corrupt or truncated image"),
+    (tiff_bytes(), 422, "lesion.jpg: TIFF images are not accepted (accepted: JPEG, PNG)"),
+    (b"\xff" * (LIMIT + 1), 413, f"upload over the limit of {LIMIT:,} bytes"),
+    (b"\xff" * (LIMIT + serve.FORM_OVERHEAD + 1), 413, f"upload over the limit of {LIMIT:,} bytes"),
+], ids=["empty", "not-an-image", "truncated", "tiff", "just-over-the-cap", "over-the-body-cap"])
+def test_a_bad_upload_gets_a_4xx_json_error_and_the_server_keeps_serving(client, data, status, words):
+    response = upload(client, data)
+    assert response.status_code == status
+    assert response.json()["error"].startswith(words), response.json()
+    assert set(response.json()) == {"error"}
+    assert upload(client, LESION).status_code == 200
+
+
+def test_the_cap_is_counted_while_reading_when_no_length_is_sent(client):
+    """A chunked body has no Content-Length to check first: the bytes are counted as they come."""
+    boundary = "b0undary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{serve.FIELD}"; filename="big.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(2 * (LIMIT + serve.FORM_OVERHEAD) // 4096):
+            yield b"\xff" * 4096
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/api/predict", content=body(),
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    assert upload(client, LESION).status_code == 200
+
+
+def test_a_request_without_the_image_field_is_a_400(client):
+    for response in (upload(client, LESION, field="file"),
+                     client.post("/api/predict", data={serve.FIELD: "lesion.jpg"}),
+                     client.post("/api/predict", content=b"raw bytes", headers={"content-type": "image/jpeg"}),
+                     client.post("/api/predict")):
+        assert response.status_code == 400
+        assert f"no file in the multipart field `{serve.FIELD}`" in response.json()["error"]
+    two = client.post("/api/predict", files=[(serve.FIELD, ("a.jpg", LESION)), (serve.FIELD, ("b.jpg", LESION))])
+    assert two.status_code == 400 and "files" in two.json()["error"].lower()
+    wrong_method = client.get("/api/predict")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_the_default_cap_is_10_mb():
+    assert serve.MAX_UPLOAD_BYTES == 10 * 1024 * 1024
+
+
+def test_help_answers_without_importing_tensorflow_or_the_server():
+    code = ("import sys\nfrom stages import serve\ntry:\n    serve.main(['--help'])\n"
+            "except SystemExit as done:\n    assert done.code == 0\n"
+            "print(sorted(m for m in ('tensorflow', 'keras', 'uvicorn', 'starlette') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "usage: python -m stages.serve" in done.stdout and "127.0.0.1" in done.stdout
+    assert "not a medical device" in " ".join(done.stdout.split())
+
+
+def test_a_broken_model_or_a_taken_port_is_a_one_line_usage_error(served, tmp_path, capsys):
+    folder, _, _ = served
+    (tmp_path / "model.keras").write_bytes(b"not a model")
+    assert serve.main(["--model", str(tmp_path / "model.keras")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "cannot load model" in err and "dvc repro train" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main(["--model", str(folder / "model.keras"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# A real browser on the real command.
+# ----------------------------------------------------------------------------------------------
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1100,1000")
+
+
+def chromium() -> tuple[str, str] | None:
+    """(browser, driver) from $CHROMIUM and $CHROMEDRIVER, else the first on PATH (as .ci/run looks)."""
+    browser = os.environ.get("CHROMIUM") or next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver") or shutil.which(
+        "chromedriver", path=os.environ.get("CHROMEWEBDRIVER", os.defpath))
+    return (browser, driver) if browser and driver else None
+
+
+NO_CHROMIUM = ("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+               ".ci/run installs them)")
+
+
+@pytest.fixture
+def server(served):
+    """`python -m stages.serve --port 0` as a user starts it; its URL from its first line."""
+    folder, _, _ = served
+    process = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", "0", "--model",
+                                str(folder / "model.keras")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith("serving on http://127.0.0.1:"), first + process.stderr.read()
+        yield first.split()[2]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def browser_paths() -> tuple[str, str]:
+    """Chromium's paths; skips without it, except under CI (CI set), where .ci/run installs it."""
+    found = chromium()
+    if found is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(NO_CHROMIUM)
+    return found
+
+
+def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths, server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = browser_paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    (tmp_path / "lesion.jpg").write_bytes(LESION)
+    (tmp_path / "notes.png").write_text("not an image")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(server)
+        assert "not a medical device" in driver.find_element(By.ID, "notice").text
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status .error"))
+        assert "notes.png: not an image" in driver.find_element(By.ID, "status").text
+
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "lesion.jpg"))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script(
+            "return document.getElementById('gradcam').complete && document.getElementById('gradcam').naturalWidth"))
+        decision = driver.find_element(By.ID, "decision").text
+        rows = driver.find_elements(By.CSS_SELECTOR, "#top li")
+        assert len(rows) == 3 and all(row.text.endswith("%") for row in rows)
+        assert any(decision.endswith(f"({dx})") for dx in CLASSES), decision
+        assert "threshold 30.0%" in driver.find_element(By.ID, "decision-why").text
+        assert driver.find_element(By.ID, "original-caption").text == "lesion.jpg"
+        assert driver.find_element(By.ID, "gradcam").get_attribute("src").startswith("data:image/png;base64,")
+        driver.save_screenshot(str(tmp_path / "result.png"))
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
+                  and "api/predict" not in entry["message"]]  # the refused upload's 422 is expected
+        assert not errors, errors
+    finally:
+        driver.quit()
