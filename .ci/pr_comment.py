@@ -126,11 +126,15 @@ def key_order(path: str, keys) -> list[str]:
     return sorted(keys, key=lambda key: (rank.get(key, len(rank)), key))
 
 
+def numbers(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def change(old, new) -> str:
     """The signed difference of two numbers; "changed" for other values that differ."""
     if old == new:
         return ""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new)):
+    if numbers(old, new):
         return ("+" if new - old > 0 else "") + fmt(float(new - old))
     return "changed"
 
@@ -146,7 +150,7 @@ def metrics_table(path: str, changes: dict) -> list[str]:
 
 
 def seed_spread(path: Path) -> dict[str, dict]:
-    """`{split}_{key}` -> {"sd", "n", ...} from a seeds summary (experiments/seeds.py); {} if absent."""
+    """`{split}_{key}` -> {"sd", "n", ...} from a seeds summary (experiments/results/); {} if absent."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -157,8 +161,7 @@ def seed_spread(path: Path) -> dict[str, dict]:
 def spread_note(split: str, key: str, old, new, spread: dict[str, dict]) -> str:
     """"within seed spread (sd S)" where |new - old| <= SPREAD_SDS sd of `{split}_{key}` over the seeds."""
     entry = spread.get(f"{split}_{key.replace('.', '_')}")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
-    if entry is None or not numbers or old == new or abs(new - old) > SPREAD_SDS * entry["sd"]:
+    if entry is None or not numbers(old, new) or old == new or abs(new - old) > SPREAD_SDS * entry["sd"]:
         return ""
     return f"within seed spread (sd {entry['sd']:.3f})"
 
@@ -201,10 +204,12 @@ def metrics_at(revision: str | None, path: str) -> dict:
 def metrics_section(base: str, spread_file: Path) -> str:
     """The headline table, then every changed metric (validation and training first) collapsed."""
     paths = {path for _, _, sources in HEADLINE for path, _ in sources}
+    spread = seed_spread(spread_file)
     headline = headline_table({p: metrics_at(base, p) for p in paths}, {p: metrics_at(None, p) for p in paths},
-                              seed_spread(spread_file))
+                              spread)
     legend = (f"A change marked *within seed spread* is at most {SPREAD_SDS} standard deviations of the "
-              f"committed configuration's seeds (`{spread_file}`): one run cannot tell it from noise.")
+              f"committed configuration's seeds (`{spread_file}`): one run cannot tell it from noise."
+              if spread else f"No seeds summary at `{spread_file}`: no change is marked as within seed spread.")
     diff = json.loads(dvc("metrics", "diff", base, "--json") or "{}")
     diff = {path: changes for path, changes in diff.items() if changes}
     if not diff:

@@ -136,6 +136,15 @@ def test_comment_says_the_lock_is_fresh_and_diffs_metrics_validation_first(rende
     assert "| params.yaml | train.lr | 0.01" in params and "0.02" in params
 
 
+def test_without_a_seeds_summary_nothing_is_marked(two_commits, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "HEAD~1", "--images-dir", str(tmp_path / "images"),
+                           "--seed-spread", str(tmp_path / "none.json")], cwd=two_commits, env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "within seed spread (" not in done.stdout
+    assert f"No seeds summary at `{tmp_path / 'none.json'}`" in done.stdout
+
+
 def test_headline_figures_come_first_and_the_rest_is_collapsed(rendered):
     text, _, _ = rendered
     metrics = text.split("### Metrics")[1].split("### Params")[0]
