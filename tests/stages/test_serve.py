@@ -143,6 +143,16 @@ def test_a_request_without_the_image_field_is_a_400(client):
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
 
 
+def test_a_server_on_loopback_answers_only_to_loopback_host_names(served):
+    """A web page elsewhere cannot reach it through a name it resolves to 127.0.0.1 (DNS rebinding)."""
+    from starlette.testclient import TestClient
+
+    _, model, decision = served
+    app = serve.create_app(model, decision, allowed_hosts=["localhost", "127.0.0.1"])
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/").status_code == 200
+    assert TestClient(app, base_url="http://attacker.example:8000").get("/").status_code == 400
+
+
 def test_the_default_cap_is_10_mb():
     assert serve.MAX_UPLOAD_BYTES == 10 * 1024 * 1024
 
@@ -230,7 +240,8 @@ def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths,
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    (tmp_path / "lesion.jpg").write_bytes(LESION)
+    lesion = tmp_path / "<img src=x onerror=alert(1)>lesion.jpg"  # a name is shown as text, never as HTML
+    lesion.write_bytes(LESION)
     (tmp_path / "notes.png").write_text("not an image")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     try:
@@ -240,7 +251,7 @@ def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths,
         WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status .error"))
         assert "notes.png: not an image" in driver.find_element(By.ID, "status").text
 
-        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "lesion.jpg"))
+        driver.find_element(By.ID, "file").send_keys(str(lesion))
         WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "result").is_displayed())
         WebDriverWait(driver, 10).until(lambda d: d.execute_script(
             "return document.getElementById('gradcam').complete && document.getElementById('gradcam').naturalWidth"))
@@ -249,7 +260,8 @@ def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths,
         assert len(rows) == 3 and all(row.text.endswith("%") for row in rows)
         assert any(decision.endswith(f"({dx})") for dx in CLASSES), decision
         assert "threshold 30.0%" in driver.find_element(By.ID, "decision-why").text
-        assert driver.find_element(By.ID, "original-caption").text == "lesion.jpg"
+        caption = driver.find_element(By.ID, "original-caption")
+        assert caption.text == lesion.name and not caption.find_elements(By.CSS_SELECTOR, "*")
         assert driver.find_element(By.ID, "gradcam").get_attribute("src").startswith("data:image/png;base64,")
         driver.save_screenshot(str(tmp_path / "result.png"))
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
