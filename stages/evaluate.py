@@ -9,9 +9,9 @@ out-of-distribution threshold (keeps `ood_keep` of validation lesions; Gaussians
 training features). Every figure comes from inference.judge, the computation predict and the
 web page use. Test is then scored with that fixed rule, unless `score_test` is false (seed
 sweeps): metrics/test.json is then {"scored": false} and test is not read at all.
-Outputs: metrics/{val,test}.json (headline figures, all scalars), metrics/plots/{split}/ (CSV
-tables `dvc plots` draws, incl. calibration.csv, non_lesions.csv). Intervals: a lesion-group
-bootstrap. Measurements: docs/experiments.md.
+Outputs: metrics/{val,test}.json (headline figures, all scalars; the few `dvc exp show` lists
+also in metrics/headline/, short-named), metrics/plots/{split}/ (CSV tables `dvc plots` draws).
+Intervals: a lesion-group bootstrap. Measurements: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ from stages.lib.shards import is_copy, read_index, read_shards
 log = logging.getLogger("stages.evaluate")
 CURVE_POINTS = 101  # ROC and PR curves are sampled on a common grid, one column per class
 NEVUS = CLASSES.index("nv")
+# metrics/headline/{split}.json: the figures `dvc exp show` lists (README), nested under the split
+# with names short enough for its columns; split -> {name: its key in metrics/{split}.json}.
+HEADLINE = {"val": {"bal_acc": "balanced_accuracy"},
+            "test": {"bal_acc": "balanced_accuracy", "mel_sens_op": "operating_point.mel_sensitivity"}}
 
 
 @dataclass(frozen=True)
@@ -338,6 +342,18 @@ def non_lesion_figures(lesions: Judgement, non_lesions: Judgement, kinds: np.nda
     return figures, "\n".join(rows) + "\n"
 
 
+def headline(split: str, metrics: dict) -> dict:
+    """{split: {name: figure}}: HEADLINE's figures of one split's metrics (none where test was not scored)."""
+    figures = {}
+    for name, key in HEADLINE[split].items():
+        value = metrics
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            figures[name] = value
+    return {split: figures}
+
+
 def log_split(split: str, m: dict) -> None:
     op = m["operating_point"]
     log.info("%s: balanced accuracy %.4f (95%% CI %.3f-%.3f); at the operating point melanoma sensitivity %.4f, "
@@ -399,6 +415,7 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
                 atomic_write_text(out / split / name, text)
     for split, metrics in results.items():
         atomic_write_json(metrics_dir / f"{split}.json", metrics)
+        atomic_write_json(metrics_dir / "headline" / f"{split}.json", headline(split, metrics))
     decision.save(Path(decision_path), Path(ood_path))
 
 

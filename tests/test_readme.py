@@ -44,13 +44,31 @@ def readme() -> str:
     return README.read_text(encoding="utf-8")
 
 
+def split_commands(line: str) -> list[str]:
+    """A shell line's commands: split at &&, ||, |, ; and & outside quotes (a regex's `|` inside
+    quotes is an argument), a comment (# at the start or after a space, outside quotes) dropped."""
+    parts, current, quote = [], [], None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        elif ch in "|;&":
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    return [part.strip() for part in [*parts, "".join(current)] if part.strip()]
+
+
 def fenced_commands(text: str) -> list[str]:
-    """Each command of the README's bash blocks: lines split at &&, |, ; and &, comments dropped."""
+    """Each command of the README's bash blocks (split_commands of each line)."""
     commands = []
     for block in re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", text, flags=re.M | re.S):
         for line in block.splitlines():
-            line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]
-            commands += [part.strip() for part in re.split(r"&&|\|\||[|;&]", line) if part.strip()]
+            commands += split_commands(line)
     return commands
 
 

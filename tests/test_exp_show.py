@@ -1,0 +1,165 @@
+"""`dvc exp show` as the README runs it fits a 120-column terminal (names, changed params, headline).
+
+A temporary git + DVC repo has this project's params.yaml and, for each stage that declares
+metrics (train, evaluate, export), a stand-in with that stage's params and metrics files; it writes
+this repository's committed metrics files, every figure shifted by train.seed and train.dropout.
+After two experiments, the README's own `dvc exp show` line runs with COLUMNS=120: every line
+fits, no cell is cut to "…", and the columns are the experiments' names, the params that differ
+and evaluate.HEADLINE's figures, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.evaluate import HEADLINE, headline
+from tests.test_scaling import DVC, ENV, dvc, git
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH = 120
+STAND_IN = """\
+import json, pathlib, sys, yaml
+train = yaml.safe_load(open("params.yaml"))["train"]
+shift = train["seed"] / 1000 + train["dropout"] / 10
+
+def shifted(value):
+    if isinstance(value, dict):
+        return {k: shifted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shifted(v) for v in value]
+    return value + shift if isinstance(value, float) else value
+
+for path in sys.argv[1:]:
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(json.dumps(shifted(json.load(open("committed/" + path)))))
+"""
+
+
+def readme_command() -> list[str]:
+    """The README's `dvc exp show` line (the one in its fenced blocks), as words."""
+    lines = [line.strip() for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+             if line.strip().startswith("dvc exp show")]
+    assert len(lines) == 1, f"the README shows one `dvc exp show` line, found {lines}"
+    return shlex.split(lines[0].split(" #")[0])
+
+
+def option(words: list[str], name: str) -> str:
+    return words[words.index(name) + 1]
+
+
+def metric_paths(stage: dict) -> list[str]:
+    return [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+
+
+@pytest.fixture(scope="module")
+def shown(tmp_path_factory) -> tuple[str, dict]:
+    """(the README command's output at 120 columns, the experiments' names and params)."""
+    repo = tmp_path_factory.mktemp("exp_show")
+    git(repo, "init", "-q")
+    git(repo, "config", "user.name", "t")
+    git(repo, "config", "user.email", "t@t")
+    dvc(repo, "init", "-q")
+    real = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    stages, upstream = {}, ["stand_in.py"]
+    for name, stage in real.items():
+        paths = metric_paths(stage)
+        if paths:  # each after the previous one, as evaluate and export follow train
+            stages[name] = {"cmd": f"python stand_in.py {' '.join(paths)}", "deps": list(upstream),
+                            "params": stage["params"], "metrics": [{p: {"cache": False}} for p in paths]}
+            upstream += paths
+            for path in paths:
+                (repo / "committed" / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / path, repo / "committed" / path)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (repo / "stand_in.py").write_text(STAND_IN)
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    dvc(repo, "repro", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "committed run")
+    dvc(repo, "exp", "run", "-q", "-S", "train.seed=1")
+    dvc(repo, "exp", "run", "-q", "-S", "train.seed=2", "-S", "train.dropout=0.2")
+    runs = {entry["name"]: entry["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
+            for entry in json.loads(dvc(repo, "exp", "show", "--json"))[1]["experiments"]}
+    words = readme_command()
+    done = subprocess.run([DVC, *words[1:]], cwd=repo, env={**ENV, "COLUMNS": str(WIDTH)}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, runs
+
+
+def test_every_line_fits_and_no_cell_is_cut(shown):
+    out, _ = shown
+    assert out.strip(), "nothing shown"
+    for line in out.splitlines():
+        assert len(line) <= WIDTH, f"{len(line)} columns: {line!r}"
+    assert "…" not in out, out
+
+
+def test_the_columns_are_names_changed_params_and_the_headline(shown):
+    out, runs = shown
+    header = next(line for line in out.splitlines() if "Experiment" in line).split()
+    columns = [(split, name) for split, names in HEADLINE.items() for name in names]
+    headline_columns = [f"{split}.{name}" for split, name in columns]
+    committed = {split: json.loads((ROOT / "metrics" / "headline" / f"{split}.json").read_text())[split]
+                 for split in HEADLINE}
+    assert header == ["Experiment", *headline_columns, "train.seed", "train.dropout"], out
+    assert len(runs) == 2
+    for name, run in runs.items():
+        row = next((line for line in out.splitlines() if f"[{name}]" in line), None)
+        assert row is not None, f"experiment {name} not shown:\n{out}"
+        shown_figures = [float(cell) for cell in row.split("]")[1].split()[:len(headline_columns)]]
+        shift = run["seed"] / 1000 + run["dropout"] / 10  # the stand-in's
+        expected = [committed[split][figure] + shift for split, figure in columns]
+        assert shown_figures == pytest.approx(expected, abs=1e-5), row
+        assert row.split()[-2:] == [str(run["seed"]), str(run["dropout"])], row
+
+
+def test_the_command_keeps_every_params_key_and_drops_every_other_metric():
+    """Without running DVC: each params.yaml key stays a candidate column (--only-changed then
+    shows those that differ), each headline figure is kept, and no other metric survives."""
+    words = readme_command()
+    drop, keep = re.compile(option(words, "--drop")), re.compile(option(words, "--keep"))
+    assert "--only-changed" in words and "--no-pager" in words
+
+    def keys(data, prefix=""):
+        for key, value in data.items():
+            yield from keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+    params = list(keys(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))))
+    assert not [key for key in params if drop.match(key)], "params.yaml keys the command would drop"
+    real = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    counted: dict[str, int] = {}
+    names = {}
+    for path in (p for stage in real.values() for p in metric_paths(stage)):
+        names[path] = list(keys(json.loads((ROOT / path).read_text(encoding="utf-8"))))
+        for name in names[path]:
+            counted[name] = counted.get(name, 0) + 1
+    for path, found in names.items():
+        for name in found:  # the column name DVC gives it: path-prefixed where two files share it
+            column = name if counted[name] == 1 else f"{path}:{name}"
+            is_headline = path.startswith("metrics/headline/")
+            assert bool(keep.match(column)) == is_headline, column
+            assert is_headline or drop.match(column), f"{column} would be shown"
+    assert drop.match("Created") and drop.match("stages/train.py") and not drop.match("Experiment")
+
+
+def test_headline_takes_the_figures_named_in_headline_from_a_splits_metrics():
+    val = {"balanced_accuracy": 0.74, "accuracy": 0.6, "operating_point": {"mel_sensitivity": 0.86}}
+    test = {**val, "operating_point": {"mel_sensitivity": 0.91, "mel_specificity": 0.6}}
+    assert headline("val", val) == {"val": {"bal_acc": 0.74}}
+    assert headline("test", test) == {"test": {"bal_acc": 0.74, "mel_sens_op": 0.91}}
+    assert headline("test", {"scored": False}) == {"test": {}}, "a sweep that skips test shows none"
+
+
+def test_the_committed_headline_is_the_committed_metrics():
+    for split in HEADLINE:
+        metrics = json.loads((ROOT / "metrics" / f"{split}.json").read_text(encoding="utf-8"))
+        committed = json.loads((ROOT / "metrics" / "headline" / f"{split}.json").read_text(encoding="utf-8"))
+        assert committed == headline(split, metrics)
