@@ -167,6 +167,49 @@ def test_declared_params_exist_in_params_yaml():
                 value = value[part]
 
 
+def changed(value):
+    """Another value of the same type (what `dvc exp run -S` might set)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, value[-1]] if value else ["x"]
+    if isinstance(value, dict):
+        return {**value, "x": "y"}
+    return f"{value}-changed" if value is not None else "somewhere"
+
+
+def test_a_result_neutral_key_reruns_nothing_and_a_declared_one_its_stage(tmp_path):
+    """DVC itself, on stand-in stages with this dvc.yaml's params lists and this params.yaml."""
+    from tests.test_scaling import dvc, git
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    stages = {name: {"cmd": f"echo {name} > {name}.txt", "params": stage["params"], "outs": [f"{name}.txt"]}
+              for name, stage in DVC_YAML["stages"].items()}
+    git(tmp_path, "init", "-q")
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc(tmp_path, "repro", "-q")
+
+    def status_after(keys) -> set[str]:
+        edited = yaml.safe_load(yaml.safe_dump(params))
+        for key in keys:
+            *parents, last = key.split(".")
+            section = edited
+            for part in parents:
+                section = section[part]
+            section[last] = changed(section.get(last))
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+        return set(json.loads(dvc(tmp_path, "status", "--json")))
+
+    assert status_after(RESULT_NEUTRAL) == set(), "a result-neutral key re-ran a stage"
+    assert status_after(["train.seed", "evaluate.tta", "download.files"]) == {"train", "evaluate", "download"}
+    assert status_after(["train.augmentation.zoom_fraction"]) == {"train"}, "a key inside a declared sub-section"
+    assert status_after(["train.weights"]) == {"train", "report"}, "report quotes train.weights"
+
+
 # --------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------
