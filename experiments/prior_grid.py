@@ -2,7 +2,7 @@
 
     python -m experiments.prior_grid runs/seeds/seed*.npz --grid -1 -0.75 -0.5 -0.25 0 0.25 0.5 --out runs/grid.json
 
-Reads the validation probabilities that `experiments/seeds.py` saves (`val_labels`, `val_<tta>`);
+Reads saved validation probabilities (`val_labels`, `val_<tta>`: score_seeds.save_probabilities);
 test is never read. Validation is halved at random by lesion group (no lesion on both sides); the
 strength is chosen on one half with evaluate's own rule and scored on the other, both ways round,
 over many halvings. Writes, per run, the validation balanced accuracy at each strength, the
@@ -66,7 +66,7 @@ def score_run(labels: np.ndarray, proba: np.ndarray, train_labels: np.ndarray, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="seed<N>.npz files written by experiments/seeds.py")
+    parser.add_argument("runs", type=Path, nargs="+", help="seed<N>.npz probability files")
     parser.add_argument("--grid", type=float, nargs="+", required=True, help="candidate prior strengths")
     parser.add_argument("--halvings", type=int, default=200)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -57,7 +57,7 @@ DVC_YAML = {
         {"Unchanging: a constant": {"x": "step", "y": {"constant.csv": "value"}}},
     ],
 }
-# A seeds summary as experiments/seeds.py writes it: test balanced accuracy's sd is wide, validation's narrow.
+# A seeds summary as experiments/score_seeds.py writes it: test balanced accuracy's sd is wide, validation's narrow.
 SPREAD = {"test_balanced_accuracy": {"mean": 0.6, "sd": 0.06, "n": 3},
           "val_balanced_accuracy": {"mean": 0.6, "sd": 0.01, "n": 3}}
 
