@@ -20,6 +20,7 @@ import os
 import sys
 import unicodedata
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def all_warnings(result: dict[str, Any]) -> list[str]:
     """The result's warnings, the out-of-distribution one first."""
     found = list(result.get("warnings", []))
     if result.get("in_distribution") is False:
-        found.insert(0, f"not a lesion this model can judge: out-of-distribution score {result['ood_score']:.3g} "
+        found.insert(0, f"not a lesion this model can judge: out-of-distribution score {result['ood_score']:,.1f} "
                         "(unlike the dermoscopy images it was trained on); its classes mean nothing here")
     return found
 
@@ -202,6 +203,26 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def import_keras():
+    """Keras, imported with file descriptor 2 sent to /dev/null meanwhile: TensorFlow 2.21 logs
+    there at import whatever TF_CPP_MIN_LOG_LEVEL says, and stderr must hold only our own lines."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        import keras
+
+        return keras
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        import keras
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return keras
+
+
 def load_model(path: Path):
     """The trained Keras model, checked to map (size, size, 3) images to the 7 classes through
     the layers Predictor reads, or a one-line UsageError that says what to run."""
@@ -210,8 +231,10 @@ def load_model(path: Path):
         raise UsageError(f"model {printable(str(path))} is a directory, not a model file")
     if not path.is_file():
         raise UsageError(f"model not found: {printable(str(path))} ({how_to_get(path, 'train')})")
-    import keras
-
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"model {printable(str(path))} is not a Keras model file (a .keras file is a zip archive) "
+                         f"({how_to_get(path, 'train', broken=True)})")
+    keras = import_keras()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the error below says it all, on one line

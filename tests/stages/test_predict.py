@@ -1,5 +1,6 @@
 """Command predict: top-3 ranking, the same preprocessing as training, any image mode, per-file
-errors, table and JSON output, exit codes, the missing-model message and the medical notice."""
+errors (a folder, other formats), warnings (small images, out of distribution), odd file names,
+table and JSON output, exit codes, one-line usage errors naming what to run, the medical notice."""
 from __future__ import annotations
 
 import io
@@ -361,7 +362,15 @@ def test_command_line_keeps_stdout_valid_json_whatever_the_file_names(model_and_
     assert [r["image"].rsplit("/", 1)[-1] for r in results[1:4]] == ["caf\\xe9.jpg", "red\x1b[31m.jpg",
                                                                      "evil\u202egpj.png"]
     assert all("top" in r for r in results[:4]) and "truncated" in results[4]["error"]
-    assert "not a medical device" in done.stderr.decode()
+    assert done.stderr.decode().splitlines() == [predict.NOTICE], "TensorFlow's own logs stay off stderr"
+
+
+def test_the_real_process_prints_one_line_for_a_broken_model(tmp_path, good_images):
+    (tmp_path / "model.keras").write_bytes(b"not a zip file")
+    done = run_predict("--model", str(tmp_path / "model.keras"), str(good_images[0]))
+    assert done.returncode == 2 and done.stdout == b""
+    [line] = done.stderr.decode().splitlines()
+    assert line.startswith(f"error: model {tmp_path / 'model.keras'} is not a Keras model file") and "dvc" in line
 
 
 def test_table_escapes_file_names_and_keeps_every_result(model_and_path, good_images, odd_names):

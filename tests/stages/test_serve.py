@@ -173,7 +173,7 @@ def test_a_broken_model_or_a_taken_port_is_a_one_line_usage_error(served, tmp_pa
     (tmp_path / "model.keras").write_bytes(b"not a model")
     assert serve.main(["--model", str(tmp_path / "model.keras")]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "cannot load model" in err and "dvc repro train" in err
+    assert len(err.splitlines()) == 1 and "not a Keras model file" in err and "dvc repro train" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
