@@ -20,6 +20,7 @@ import html
 import io
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -245,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     allowed = ["localhost", "127.0.0.1", "[::1]", args.host, shown] if local else ["*"]  # no DNS rebinding
     app = create_app(model, decision, allowed_hosts=allowed)
     print(f"serving on http://{shown}:{port}/ (Ctrl-C to stop)\n{predict.NOTICE}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # log_config=None: uvicorn's own dictConfig would close every handler already there
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False))
     server.run(sockets=[sock])
     return 0
 

@@ -183,6 +183,33 @@ def test_a_broken_model_or_a_taken_port_is_a_one_line_usage_error(served, tmp_pa
     assert len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
 
 
+def test_host_port_and_decision_options_reach_the_server(served, tmp_path, monkeypatch, capsys):
+    """main() up to the point where uvicorn would serve: the address it listens on, the warning
+    off loopback, and --decision read (a broken one refused before listening)."""
+    import uvicorn
+
+    folder, _, _ = served
+    listened = []
+
+    def fake_run(server, sockets):
+        listened.append(sockets[0].getsockname()[:2])
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    model = ["--model", str(folder / "model.keras"), "--port", "0"]
+    assert serve.main(model) == 0
+    out, err = capsys.readouterr()
+    assert listened[-1][0] == "127.0.0.1" and out.startswith(f"serving on http://127.0.0.1:{listened[-1][1]}/")
+    assert "warning" not in err
+    assert serve.main([*model, "--host", "0.0.0.0", "--decision", str(folder / "decision.json")]) == 0
+    assert listened[-1][0] == "0.0.0.0"
+    assert "warning: listening on 0.0.0.0: anyone who can reach this machine" in capsys.readouterr().err
+    (tmp_path / "decision.json").write_text("[]")
+    assert serve.main([*model, "--decision", str(tmp_path / "decision.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "not a decision record" in err and len(listened) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # A real browser on the real command.
 # ----------------------------------------------------------------------------------------------
