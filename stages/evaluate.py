@@ -47,9 +47,10 @@ log = logging.getLogger("stages.evaluate")
 CURVE_POINTS = 101  # ROC and PR curves are sampled on a common grid, one column per class
 NEVUS = CLASSES.index("nv")
 # metrics/headline/{split}.json: the figures `dvc exp show` lists (README), nested under the split
-# with names short enough for its columns; split -> {name: its key in metrics/{split}.json}.
-HEADLINE = {"val": {"bal_acc": "balanced_accuracy"},
-            "test": {"bal_acc": "balanced_accuracy", "mel_sens_op": "operating_point.mel_sensitivity"}}
+# with names short enough for its columns: balanced accuracy, melanoma sensitivity at the operating
+# point; split -> {name: its key in metrics/{split}.json}.
+HEADLINE = {"val": {"bacc": "balanced_accuracy"},
+            "test": {"bacc": "balanced_accuracy", "mel_sens": "operating_point.mel_sensitivity"}}
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 A temporary git + DVC repo has this project's params.yaml and, for each stage that declares
 metrics (train, evaluate, export), a stand-in with that stage's params and metrics files; it writes
 this repository's committed metrics files, every figure shifted by train.seed and train.dropout.
-After two experiments, the README's own `dvc exp show` line runs with COLUMNS=120: every line
-fits, no cell is cut to "…", and the columns are the experiments' names, the params that differ
-and evaluate.HEADLINE's figures, nothing else.
+After two experiments (one changes train.seed, the other train.seed and the longest params key
+any stage declares: a seed sweep of a candidate, at its widest), the README's own `dvc exp show`
+line runs with COLUMNS=120: every line fits, no cell is cut to "…", and the columns are the
+experiments' names (DVC's, adjective-noun), the params that differ and evaluate.HEADLINE's figures.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ WIDTH = 120
 STAND_IN = """\
 import json, pathlib, sys, yaml
 train = yaml.safe_load(open("params.yaml"))["train"]
-shift = train["seed"] / 1000 + train["dropout"] / 10
+shift = train["seed"] / 1000
 
 def shifted(value):
     if isinstance(value, dict):
@@ -58,6 +59,26 @@ def metric_paths(stage: dict) -> list[str]:
     return [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
 
 
+def leaves(data: dict, prefix: str = ""):
+    """Dotted keys of a nested mapping's leaves."""
+    for key, value in data.items():
+        yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+
+def longest_declared_key() -> tuple[str, float]:
+    """The longest params key a stage of dvc.yaml declares (sub-sections expanded), and a new value."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    declared = [k for s in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values()
+                for k in s.get("params", [])]
+    keys = [leaf for leaf in leaves(params) if any(leaf == k or leaf.startswith(f"{k}.") for k in declared)]
+    key = max(keys, key=len)
+    value = params
+    for part in key.split("."):
+        value = value[part]
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: pick another new value"
+    return key, value / 2
+
+
 @pytest.fixture(scope="module")
 def shown(tmp_path_factory) -> tuple[str, dict]:
     """(the README command's output at 120 columns, the experiments' names and params)."""
@@ -83,9 +104,10 @@ def shown(tmp_path_factory) -> tuple[str, dict]:
     dvc(repo, "repro", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "committed run")
+    key, value = longest_declared_key()
     dvc(repo, "exp", "run", "-q", "-S", "train.seed=1")
-    dvc(repo, "exp", "run", "-q", "-S", "train.seed=2", "-S", "train.dropout=0.2")
-    runs = {entry["name"]: entry["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
+    dvc(repo, "exp", "run", "-q", "-S", "train.seed=2", "-S", f"{key}={value}")
+    runs = {entry["name"]: entry["revs"][0]["data"]["params"]["params.yaml"]["data"]
             for entry in json.loads(dvc(repo, "exp", "show", "--json"))[1]["experiments"]}
     words = readme_command()
     done = subprocess.run([DVC, *words[1:]], cwd=repo, env={**ENV, "COLUMNS": str(WIDTH)}, capture_output=True,
@@ -104,21 +126,28 @@ def test_every_line_fits_and_no_cell_is_cut(shown):
 
 def test_the_columns_are_names_changed_params_and_the_headline(shown):
     out, runs = shown
-    header = next(line for line in out.splitlines() if "Experiment" in line).split()
+    key, _ = longest_declared_key()
     columns = [(split, name) for split, names in HEADLINE.items() for name in names]
     headline_columns = [f"{split}.{name}" for split, name in columns]
     committed = {split: json.loads((ROOT / "metrics" / "headline" / f"{split}.json").read_text())[split]
                  for split in HEADLINE}
-    assert header == ["Experiment", *headline_columns, "train.seed", "train.dropout"], out
+    header = next(line for line in out.splitlines() if "Experiment" in line).split()
+    assert header[:1 + len(columns)] == ["Experiment", *headline_columns], out
+    params_shown = header[1 + len(columns):]
+    assert sorted(params_shown) == sorted(["train.seed", key]), f"the params that differ, only: {params_shown}"
     assert len(runs) == 2
-    for name, run in runs.items():
+    for name, params in runs.items():
         row = next((line for line in out.splitlines() if f"[{name}]" in line), None)
         assert row is not None, f"experiment {name} not shown:\n{out}"
-        shown_figures = [float(cell) for cell in row.split("]")[1].split()[:len(headline_columns)]]
-        shift = run["seed"] / 1000 + run["dropout"] / 10  # the stand-in's
+        cells = row.split("]")[1].split()
+        shift = params["train"]["seed"] / 1000  # the stand-in's
         expected = [committed[split][figure] + shift for split, figure in columns]
-        assert shown_figures == pytest.approx(expected, abs=1e-5), row
-        assert row.split()[-2:] == [str(run["seed"]), str(run["dropout"])], row
+        assert [float(c) for c in cells[:len(columns)]] == pytest.approx(expected, abs=1e-5), row
+        for column, cell in zip(params_shown, cells[len(columns):]):
+            value = params
+            for part in column.split("."):
+                value = value[part]
+            assert float(cell) == pytest.approx(value), (column, row)
 
 
 def test_the_command_keeps_every_params_key_and_drops_every_other_metric():
@@ -128,17 +157,13 @@ def test_the_command_keeps_every_params_key_and_drops_every_other_metric():
     drop, keep = re.compile(option(words, "--drop")), re.compile(option(words, "--keep"))
     assert "--only-changed" in words and "--no-pager" in words
 
-    def keys(data, prefix=""):
-        for key, value in data.items():
-            yield from keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-
-    params = list(keys(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))))
+    params = list(leaves(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))))
     assert not [key for key in params if drop.match(key)], "params.yaml keys the command would drop"
     real = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     counted: dict[str, int] = {}
     names = {}
     for path in (p for stage in real.values() for p in metric_paths(stage)):
-        names[path] = list(keys(json.loads((ROOT / path).read_text(encoding="utf-8"))))
+        names[path] = list(leaves(json.loads((ROOT / path).read_text(encoding="utf-8"))))
         for name in names[path]:
             counted[name] = counted.get(name, 0) + 1
     for path, found in names.items():
@@ -153,8 +178,8 @@ def test_the_command_keeps_every_params_key_and_drops_every_other_metric():
 def test_headline_takes_the_figures_named_in_headline_from_a_splits_metrics():
     val = {"balanced_accuracy": 0.74, "accuracy": 0.6, "operating_point": {"mel_sensitivity": 0.86}}
     test = {**val, "operating_point": {"mel_sensitivity": 0.91, "mel_specificity": 0.6}}
-    assert headline("val", val) == {"val": {"bal_acc": 0.74}}
-    assert headline("test", test) == {"test": {"bal_acc": 0.74, "mel_sens_op": 0.91}}
+    assert headline("val", val) == {"val": {"bacc": 0.74}}
+    assert headline("test", test) == {"test": {"bacc": 0.74, "mel_sens": 0.91}}
     assert headline("test", {"scored": False}) == {"test": {}}, "a sweep that skips test shows none"
 
 
