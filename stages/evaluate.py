@@ -61,7 +61,7 @@ class EvaluateParams:
     mel_sensitivity_target: float       # the melanoma threshold is chosen on val to reach this
     bootstrap_samples: int              # lesion-group bootstrap for the balanced accuracy interval
     seed: int
-    ood_keep: float = 0.97              # share of validation lesions the out-of-distribution threshold keeps
+    ood_keep: float = 0.98              # share of validation lesions the out-of-distribution threshold keeps
     ood_fit_images: int = 3000          # real training images (seeded draw) the class Gaussians are fitted on
     score_test: bool = True             # false: test is not read (seed sweeps); test.json says {"scored": false}
 

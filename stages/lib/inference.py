@@ -76,14 +76,23 @@ def mean_over_views(model, views: list[np.ndarray], batch_size: int = 64):
 
 
 def feature_model(model):
-    """A Keras sub-model of `model` (no copy of its weights) giving [pooled features, probabilities]."""
+    """A Keras model giving [features, probabilities] from `model`'s own layers (its weights, not a
+    copy): the features are FEATURE_LAYER's activations averaged over the image.
+
+    The layers are applied again as the chain stages/train.py builds (one input, one path), so the
+    sub-model is the same whether `model` was loaded from a file or built in this process.
+    """
     import keras
 
-    try:
-        pooled = model.get_layer(FEATURE_LAYER).output
-    except ValueError:
-        raise StageError(f"model {model.name!r} has no layer {FEATURE_LAYER!r} (not made by stages/train.py)") from None
-    return keras.Model(model.inputs, [pooled, model.output], name=f"{model.name}_with_features")
+    if FEATURE_LAYER not in [layer.name for layer in model.layers]:
+        raise StageError(f"model {model.name!r} has no layer {FEATURE_LAYER!r} (not made by stages/train.py)")
+    inputs = keras.Input(tuple(model.input_shape[1:]), name="image")
+    x, features = inputs, None
+    for layer in model.layers[1:]:
+        x = layer(x)
+        if layer.name == FEATURE_LAYER:
+            features = keras.layers.GlobalAveragePooling2D(name="ood_features")(x)
+    return keras.Model(inputs, [features, x], name=f"{model.name}_with_features")
 
 
 def model_outputs(features_model, images: np.ndarray, tta: TTA, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

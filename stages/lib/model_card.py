@@ -13,6 +13,7 @@ import pandas as pd
 
 from stages.lib.calibration import BINS
 from stages.lib.dataset import CLASS_NAMES, CLASSES, SPLITS
+from stages.lib.ood import FEATURE_LAYER
 
 OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPEGs)
 UNKNOWN = "unknown"
@@ -238,9 +239,9 @@ def unknown_section(test: dict[str, Any], non_lesions: pd.DataFrame) -> str:
     rows = [[r.kind, int(r.images), r.rejected] for r in non_lesions.itertuples(index=False)]
     return "\n".join([
         "## \"Unknown\": images the model cannot judge", "",
-        "The model only knows dermoscopic images of the seven HAM10000 classes. Before answering, each image's "
-        "pooled features (the layer before the classifier) are compared with those of the training images: "
-        "its Mahalanobis distance to the nearest class (one Gaussian per class, shared covariance). Above a "
+        "The model only knows dermoscopic images of the seven HAM10000 classes. Before answering, what one of its "
+        f"inner layers (`{FEATURE_LAYER}`, averaged over the image) sees is compared with what it saw in the training "
+        "images: the Mahalanobis distance to the nearest class (one Gaussian per class, shared covariance). Above a "
         "threshold, the answer is `unknown` (\"not a lesion I can judge\"), whatever the probabilities say. "
         "The threshold keeps a fixed share of the validation lesions (params.yaml `evaluate.ood_keep`); no "
         "non-lesion image was used to choose it.",

@@ -1,12 +1,13 @@
 """Out-of-distribution score: is this image like the dermoscopy the model was trained on?
 
-Method "mahalanobis": the model's pooled features (global average pooling, layer `pool`) of real
-training images are modelled as one Gaussian per class with a shared covariance (Ledoit-Wolf
-shrinkage); an image's score is its Mahalanobis distance to the nearest class mean. The threshold
-is the `keep` quantile of validation lesions' scores, chosen on validation lesions only (no
-non-lesion image tunes it), so that it generalises to images nobody collected.
-Parameters (means, precision matrix) go to one .npz beside models/decision.json, whose record
-names the file and its sha256: a file from another run is refused, never silently used.
+Method "mahalanobis": an intermediate layer's activations (`conv_pw_11_relu`, averaged over the
+image) of real training images are modelled as one Gaussian per class with a shared covariance
+(Ledoit-Wolf shrinkage); an image's score is its Mahalanobis distance to the nearest class mean.
+That layer, not the final pooling: the last features (`pool`) keep what separates the classes
+and let half of the non-lesion images through; earlier ones also reject lesions under another
+white balance, JPEG or blur. The threshold is the `keep` quantile of validation lesions' scores
+(no non-lesion image tunes it). Parameters go to one .npz beside models/decision.json, whose
+record names the file and its sha256: a file from another run is refused, never used.
 Measurements: docs/experiments.md, "Calibration and out-of-distribution".
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from stages.lib.cli import StageError
 
 METHOD = "mahalanobis"
-FEATURE_LAYER = "pool"  # train.build_model's global average pooling: one feature vector per image
+FEATURE_LAYER = "conv_pw_11_relu"  # a MobileNet layer of train.build_model; its mean over the image is the feature
 
 
 @dataclass(frozen=True, eq=False)

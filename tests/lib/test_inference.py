@@ -84,6 +84,11 @@ def test_a_missing_or_broken_decision_file_says_what_to_run(tmp_path):
         load_decision(tmp_path / "decision.json")
 
 
+def width_of(model) -> int:
+    """Features per image of the out-of-distribution score: the channels of its layer."""
+    return int(model.get_layer(ood.FEATURE_LAYER).output.shape[-1])
+
+
 @pytest.fixture(scope="module")
 def model_and_images(tmp_path_factory):
     images, _, _ = read_shards(make_shards(tmp_path_factory.mktemp("shards") / "augmented"), "val")
@@ -92,7 +97,7 @@ def model_and_images(tmp_path_factory):
 
 def test_describe_gives_the_contracts_fields_rounded_and_calibrated(model_and_images):
     model, images = model_and_images
-    width = int(model.get_layer("pool").output.shape[-1])
+    width = width_of(model)
     predictor = Predictor(model, a_decision(width, threshold=1e9), batch_size=5)
     results = predictor.describe(images)
     assert len(results) == len(images)
@@ -115,7 +120,7 @@ def test_describe_gives_the_contracts_fields_rounded_and_calibrated(model_and_im
 
 def test_the_same_image_gets_the_same_numbers_in_any_batch(model_and_images):
     model, images = model_and_images
-    predictor = Predictor(model, a_decision(int(model.get_layer("pool").output.shape[-1]), 1e9), batch_size=4)
+    predictor = Predictor(model, a_decision(width_of(model), 1e9), batch_size=4)
     together = predictor.describe(images[:6])
     alone = [predictor.describe(images[k:k + 1])[0] for k in range(6)]
     for a, b in zip(together, alone):
@@ -125,7 +130,7 @@ def test_the_same_image_gets_the_same_numbers_in_any_batch(model_and_images):
 
 def test_calibration_changes_what_is_shown_and_never_the_decision(model_and_images):
     model, images = model_and_images
-    decision = a_decision(int(model.get_layer("pool").output.shape[-1]), 1e9)
+    decision = a_decision(width_of(model), 1e9)
     plain = Predictor(model, dataclasses.replace(decision, temperature=1.0, class_prior=None)).describe(images)
     shown = Predictor(model, decision).describe(images)
     assert [r["decision"] for r in plain] == [r["decision"] for r in shown]
@@ -135,7 +140,7 @@ def test_calibration_changes_what_is_shown_and_never_the_decision(model_and_imag
 
 def test_an_image_out_of_distribution_is_unknown_whatever_its_probabilities(model_and_images):
     model, images = model_and_images
-    width = int(model.get_layer("pool").output.shape[-1])
+    width = width_of(model)
     predictor = Predictor(model, a_decision(width))
     scores = predictor.judge(images).ood_score
     cut = float(np.median(scores))
@@ -147,10 +152,10 @@ def test_an_image_out_of_distribution_is_unknown_whatever_its_probabilities(mode
     assert {r["decision"] == "unknown" for r in results} == {True, False}
 
 
-def test_a_model_without_the_pooling_layer_is_a_clear_error():
+def test_a_model_without_the_feature_layer_is_a_clear_error():
     import keras
 
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(keras.layers.Flatten()(inputs)))
-    with pytest.raises(StageError, match=r"has no layer 'pool' \(not made by stages/train.py\)"):
+    with pytest.raises(StageError, match=r"has no layer 'conv_pw_11_relu' \(not made by stages/train.py\)"):
         Predictor(model, PLAIN)

@@ -58,7 +58,7 @@ def saved(tmp_path):
 
 def test_save_and_load_give_the_same_scores(tmp_path):
     detector, record = saved(tmp_path)
-    assert record["method"] == "mahalanobis" and record["layer"] == "pool" and record["parameters"] == "ood.npz"
+    assert (record["method"], record["layer"], record["parameters"]) == ("mahalanobis", ood.FEATURE_LAYER, "ood.npz")
     loaded = ood.OodDetector.load(json.loads(json.dumps(record)), tmp_path, "decision.json: ood")
     features, _, _, _ = clusters(seed=3)
     np.testing.assert_allclose(loaded.score(features), detector.score(features), rtol=1e-4)
@@ -68,7 +68,7 @@ def test_save_and_load_give_the_same_scores(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda r, d: r.pop("threshold"), r"^decision.json: ood: missing key 'threshold'$"),
     (lambda r, d: r.update(threshold=float("nan")), r"^decision.json: ood.threshold must be a finite distance"),
-    (lambda r, d: r.update(method="energy"), r"^decision.json: ood: method 'energy' on layer 'pool' is not known"),
+    (lambda r, d: r.update(method="energy"), r"^decision.json: ood: method 'energy' on layer 'conv_pw_11_relu' is not"),
     (lambda r, d: r.update(keep=1.5), r"^decision.json: ood.keep must be in \(0, 1\], got 1.5$"),
     (lambda r, d: (d / "ood.npz").unlink(), r"ood.npz: cannot read the out-of-distribution parameters"),
     (lambda r, d: (d / "ood.npz").write_bytes(b"other run"), r"ood.npz: not the file decision.json: ood was written "
