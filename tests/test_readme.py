@@ -27,13 +27,14 @@ COLUMNS = {"test": "test", "validation": "val"}  # results table column -> metri
 # "a.b": nested key, "a.0": list item; "p | q": the first present; "FILE:path": metrics/FILE instead,
 # for the test column only (report/ describes the test split).
 FIGURES = {
-    "balanced accuracy (95% CI)": ("balanced_accuracy",
-                                   "balanced_accuracy_ci95_low | balanced_accuracy_ci95.0",
-                                   "balanced_accuracy_ci95_high | balanced_accuracy_ci95.1"),
+    "balanced accuracy (95% CI)": ("balanced_accuracy", "balanced_accuracy_ci95_low", "balanced_accuracy_ci95_high"),
     "melanoma sensitivity / specificity": ("operating_point.mel_sensitivity", "operating_point.mel_specificity"),
-    "expected calibration error": ("calibration.ece | report/summary.json:ece",),
+    "melanoma specificity against nevi only": ("operating_point.mel_specificity_nv",),
+    "expected calibration error": ("calibration.ece",),
+    "lesions accepted / non-lesion images rejected": ("out_of_distribution.lesions_accepted",
+                                                      "out_of_distribution.non_lesion_rejected"),
 }
-SEEDS_ROW = "balanced accuracy over"  # "... over N seeds (...), mean ± sd": from the records below
+SEEDS_ROW = "same configuration, balanced accuracy over"  # "... over N seeds ..., mean ± sd": the records below
 SEED_RECORDS = ("experiments/results/white_balance_0.1_repro_seed42.intel.json",  # the committed run
                 "experiments/results/white_balance_0.1_vs_zoom_0.2.intel.json")  # seeds 1 and 2
 SETUP_WORDS = {".", "pip"}  # the set-up lines' other commands: .ci/run runs them
@@ -172,17 +173,12 @@ def lookup(data: object, path: str) -> object:
     return data
 
 
-def figure(split: str, paths: str) -> float | None:
-    """The first of `paths` present for `split`, or None."""
-    for path in (part.strip() for part in paths.split("|")):
-        file, key = path.split(":", 1) if ":" in path else (f"{split}.json", path)
-        if ":" in path and split != "test":
-            continue
-        try:
-            return float(lookup(json.loads((METRICS / file).read_text(encoding="utf-8")), key))
-        except (KeyError, FileNotFoundError):
-            continue
-    return None
+def figure(split: str, key: str) -> float | None:
+    """metrics/<split>.json's figure at `key` (dotted), or None where that split has none."""
+    try:
+        return float(lookup(json.loads((METRICS / f"{split}.json").read_text(encoding="utf-8")), key))
+    except KeyError:
+        return None
 
 
 def row(rows: dict[str, list[str]], label: str) -> list[str]:
@@ -201,7 +197,7 @@ def test_results_match_committed_metrics(label):
     cells = row(rows, label)
     for column, split in COLUMNS.items():
         cell = cells[header.index(column)]
-        values = [figure(split, paths) for paths in FIGURES[label]]
+        values = [figure(split, key) for key in FIGURES[label]]
         if all(value is None for value in values):
             assert not shown(cell), f"README {label!r}, {column}: shows {cell!r}, metrics/ has no such figure"
             continue
@@ -243,17 +239,11 @@ def test_table_parser_can_fail(monkeypatch, tmp_path):
         test_results_match_committed_metrics("balanced accuracy (95% CI)")
 
 
-def test_figures_read_either_metrics_layout(monkeypatch, tmp_path):
-    """The CI as a list or as _low/_high keys, ECE in report/summary.json or in calibration."""
-    old = {"balanced_accuracy_ci95": [0.61, 0.72]}
-    new = {"balanced_accuracy_ci95_low": 0.61, "balanced_accuracy_ci95_high": 0.72, "calibration": {"ece": 0.05}}
-    (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "summary.json").write_text(json.dumps({"ece": 0.05}), encoding="utf-8")
+def test_a_figure_a_split_lacks_is_none(monkeypatch, tmp_path):
+    """A row may show "—" only for a split whose metrics file has no such figure."""
+    (tmp_path / "test.json").write_text(json.dumps({"out_of_distribution": {"lesions_accepted": 0.9}}),
+                                        encoding="utf-8")
+    (tmp_path / "val.json").write_text(json.dumps({}), encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "METRICS", tmp_path)
-    ci_low, ci_high = FIGURES["balanced accuracy (95% CI)"][1:]
-    ece, = FIGURES["expected calibration error"]
-    for layout in (old, new):
-        (tmp_path / "test.json").write_text(json.dumps(layout), encoding="utf-8")
-        (tmp_path / "val.json").write_text(json.dumps(layout), encoding="utf-8")
-        assert (figure("test", ci_low), figure("test", ci_high), figure("test", ece)) == (0.61, 0.72, 0.05)
-        assert figure("val", ece) == (0.05 if layout is new else None)  # report/ is the test split's
+    key = FIGURES["lesions accepted / non-lesion images rejected"][0]
+    assert (figure("test", key), figure("val", key)) == (0.9, None)
