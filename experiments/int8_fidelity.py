@@ -4,14 +4,14 @@
         [--decision models/decision.json] [--candidate SPEC ...] [--debug-images 100] [--json out.json]
 
 Each SPEC is one candidate: params.yaml's export section changed by comma-separated key=value
-(`images=N` calibration images, `views=flips` each also flipped 3 ways, `float=OP+OP` op types kept
-float32 or `none`, `worst=K` also the K tensors worst in the quantisation debugger on training
-images, `mode=int8|int16|dynamic|float16`); "" is the committed setting. Per candidate: agreement
-with the Keras model on the val split through evaluate's decision rule (export.compare), also
-uncorrected and at the melanoma operating point, balanced accuracy, size, latency (median ms per
-image, batch of one, one CPU thread). Conversions are the export stage's own; nothing in data/ or
-models/ is written, and test is never read (the stage reads it once). Why: to choose the export
-section on evidence; results: docs/experiments.md.
+(`images=N` calibration images, `views=flips` each also flipped 3 ways, `float=OP+OP` op types and
+`layers=L+L` Keras layers kept float32, `none` for none, `worst=K` also the K tensors worst in the
+quantisation debugger on training images, `mode=int8|int16|dynamic|float16`); "" is the committed
+setting. Per candidate: agreement with the Keras model on val through evaluate's decision rule
+(export.compare), also uncorrected and at the melanoma operating point, balanced accuracy, size,
+latency (median ms per image, batch of one, one CPU thread). Conversions are the export stage's;
+nothing in data/ or models/ is written, and test is never read (the stage reads it once).
+Why: to choose the export section on evidence; results: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class Candidate:
 
     images: int                  # real training images that calibrate
     float_ops: tuple[str, ...]   # TFLite op types kept float32
+    float_layers: tuple[str, ...] = ()  # Keras layers whose ops stay float32
     views: str = "none"          # "flips": each calibration image also in its 3 flips
     worst: int = 0               # also keep the K tensors with the largest debugger error float32
     mode: str = "int8"
@@ -56,20 +57,21 @@ class Candidate:
         """The candidate as plain JSON (only `mode` for a file made without calibration)."""
         if not self.calibrated:
             return {"mode": self.mode}
-        return {**dataclasses.asdict(self), "float_ops": list(self.float_ops)}
+        return {**dataclasses.asdict(self), "float_ops": list(self.float_ops), "float_layers": list(self.float_layers)}
 
     @property
     def name(self) -> str:
         if not self.calibrated:
             return self.mode
-        floats = "+".join(self.float_ops) or "none"
+        floats = "+".join(self.float_ops + self.float_layers) or "none"
         return (f"{self.mode}, {self.images} images{' x4 flips' if self.views == 'flips' else ''}, float {floats}"
                 f"{f' + {self.worst} worst' if self.worst else ''}")
 
 
 def parse_candidate(spec: str, base: export.ExportParams) -> Candidate:
     """`spec` (comma-separated key=value, see the module docstring) applied to the committed `base`."""
-    candidate = Candidate(images=base.representative_images, float_ops=tuple(base.int8_float_ops))
+    candidate = Candidate(images=base.representative_images, float_ops=tuple(base.int8_float_ops),
+                          float_layers=tuple(base.int8_float_layers))
     changes: dict = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, _, value = item.partition("=")
@@ -83,12 +85,16 @@ def parse_candidate(spec: str, base: export.ExportParams) -> Candidate:
             changes["mode"] = value
         elif key == "float" and (value == "none" or all(op in export.INT8_FLOAT_OPS for op in value.split("+"))):
             changes["float_ops"] = () if value == "none" else tuple(value.split("+"))
+        elif key == "layers" and value:
+            changes["float_layers"] = () if value == "none" else tuple(value.split("+"))
         else:
             raise ValueError(f"candidate {spec!r}: bad item {item!r} (images=N, views=none|flips, worst=K, "
-                             f"mode={'|'.join(MODES)}, float=none or OP+OP of {', '.join(export.INT8_FLOAT_OPS)})")
+                             f"layers=none or L+L, mode={'|'.join(MODES)}, "
+                             f"float=none or OP+OP of {', '.join(export.INT8_FLOAT_OPS)})")
     candidate = dataclasses.replace(candidate, **changes)
-    if candidate.mode == "int16" and (candidate.float_ops or candidate.worst):
-        raise ValueError(f"candidate {spec!r}: mode=int16 keeps every op quantised (give float=none, no worst=)")
+    if candidate.mode == "int16" and (candidate.float_ops or candidate.float_layers or candidate.worst):
+        raise ValueError(f"candidate {spec!r}: mode=int16 keeps every op quantised (give float=none, layers=none, "
+                         "no worst=)")
     return candidate
 
 
@@ -147,7 +153,8 @@ def convert(model, image_size: int, candidate: Candidate, calibration: np.ndarra
         return to_dynamic_range(model, image_size)
     if candidate.mode == "int16":
         return to_int16_activations(model, image_size, calibration)
-    return export.to_int8(model, image_size, calibration, candidate.float_ops, worst_tensors[:candidate.worst])
+    return export.to_int8(model, image_size, calibration, candidate.float_ops, worst_tensors[:candidate.worst],
+                          candidate.float_layers)
 
 
 def figures(labels: np.ndarray, raw_reference: np.ndarray, raw: np.ndarray, decision: Decision) -> dict:

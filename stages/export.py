@@ -3,14 +3,15 @@
 Reads models/model.keras, models/decision.json and data/augmented; writes models/model_float16.tflite
 (float16 weights, float32 compute), models/model_int8.tflite (int8 weights per channel and int8
 activations, calibrated on a seeded sample of `representative_images` real training images, no
-'+aug' copy; op types in `int8_float_ops` stay float32) and metrics/export.json: per model, its
-balanced accuracy on test, its top-1 agreement with the Keras model (all through evaluate's
-decision rule, models/decision.json), its size in bytes and, per .tflite file, its latency
-(median ms per image, batch of one, one CPU thread). Invariant: both files keep the Keras
-model's interface (float32 RGB pixels 0..255 in, 7 float32 probabilities out), so one scoring
-path (inference.predict_proba, inference.corrected) serves all three.
-Why depthwise convolutions stay float32 by default: frozen ImageNet BatchNorm amplifies their
-int8 rounding (docs/experiments.md; measured with experiments/int8_fidelity.py).
+'+aug' copy; op types in `int8_float_ops` and layers in `int8_float_layers` stay float32) and
+metrics/export.json: per model, its balanced accuracy on test, its top-1 agreement with the Keras
+model (all through evaluate's decision rule, models/decision.json), its size in bytes and, per
+.tflite file, its latency (median ms per image, batch of one, one CPU thread). Invariant: both
+files keep the Keras model's interface (float32 RGB pixels 0..255 in, 7 float32 probabilities
+out), so one scoring path (inference.predict_proba, inference.corrected) serves all three.
+Why depthwise and the first pointwise convolutions stay float32 by default: frozen ImageNet
+BatchNorm amplifies their int8 rounding (docs/experiments.md; chosen on validation with
+experiments/int8_fidelity.py).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class ExportParams:
     seed: int                    # which training images those are
     batch_size: int              # images per inference call when checking on test
     int8_float_ops: list[str] = dataclasses.field(default_factory=list)  # TFLite op types kept float32
+    int8_float_layers: list[str] = dataclasses.field(default_factory=list)  # Keras layers whose ops stay float32
     latency_runs: int = 50       # timed single-image runs per file (median reported)
 
     def __post_init__(self) -> None:
@@ -112,23 +114,49 @@ def int8_converter(model, image_size: int, calibration: np.ndarray):
     return conv
 
 
+def layer_tensors(model_bytes: bytes, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of the tensors in a .tflite file that come from the Keras `layers`: a fused name
+    such as "m/conv_pw_1_relu_1/Relu6;m/conv_pw_1_bn_1/...;m/conv_pw_1_1/convolution" holds each
+    layer it fuses as a path part, the layer's name with an optional "_N" call suffix."""
+    import re
+
+    import tensorflow as tf
+
+    names = [t["name"] for t in tf.lite.Interpreter(model_content=model_bytes).get_tensor_details()]
+    found = []
+    for layer in layers:
+        part = re.compile(rf"(^|[/;]){re.escape(layer)}(_\d+)?(/|;|$)")
+        matched = [name for name in names if part.search(name)]
+        if not matched:
+            raise StageError(f"int8_float_layers: no TFLite tensor comes from layer {layer!r} (a Keras layer name "
+                             f"of the model, e.g. conv_pw_1)")
+        found += matched
+    return tuple(dict.fromkeys(found))
+
+
 def to_int8(model, image_size: int, calibration: np.ndarray, float_ops: tuple[str, ...] = (),
-            float_nodes: tuple[str, ...] = ()) -> bytes:
+            float_nodes: tuple[str, ...] = (), float_layers: tuple[str, ...] = ()) -> bytes:
     """Int8 weights and activations (per-channel weights), ranges from `calibration`; float32
     input and output. Every op is int8 unless its type is in `float_ops` (TFLite op names, e.g.
-    "SOFTMAX") or its output tensor in `float_nodes`: those stay float32 (the quantisation
-    debugger's selective quantisation), with quantize/dequantize ops around them."""
+    "SOFTMAX"), its output tensor in `float_nodes` or it comes from a Keras layer in `float_layers`
+    (e.g. "conv_pw_1"): those stay float32 (the quantisation debugger's selective quantisation),
+    with quantize/dequantize ops around them."""
     import tensorflow as tf
 
     conv = int8_converter(model, image_size, calibration)
-    if not float_ops and not float_nodes:
+    if not float_ops and not float_nodes and not float_layers:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # a float op fails loudly
         return conv.convert()
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_ops=list(float_ops), denylisted_nodes=list(float_nodes), fully_quantize=False)
+
+    def options(nodes: tuple[str, ...]):
+        return tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops),
+                                                             denylisted_nodes=list(nodes), fully_quantize=False)
+
     debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(calibration[:1]),
-                                                         debug_options=options)
+                                                         debug_options=options(float_nodes))
+    if float_layers:  # names are read from the calibrated model; new options re-quantise it, no re-calibration
+        debugger.options = options(float_nodes + layer_tensors(debugger.calibrated_model, float_layers))
     return debugger.get_nondebug_quantized_model()
 
 
@@ -209,6 +237,10 @@ def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarr
     gets its latency (median ms per image, batch of one, one CPU thread).
     """
     image_size = int(model.input_shape[1])
+    unknown = sorted(set(params.int8_float_layers) - {layer.name for layer in model.layers})
+    if unknown:
+        raise StageError(f"export.int8_float_layers: the model has no layer {unknown[0]!r} (Keras layer names, "
+                         f"e.g. conv_pw_1)")
     calibration = representative_sample(real_images(train_images, train_ids), params.representative_images,
                                         params.seed)
     reference = corrected(predict_proba(model, test_images, decision.tta, params.batch_size), decision.class_bias)
@@ -216,10 +248,12 @@ def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarr
         "test_images": int(len(test_labels)),
         "representative_images": int(len(calibration)),
         "int8_float_ops": list(params.int8_float_ops),
+        "int8_float_layers": list(params.int8_float_layers),
         "keras": compare(test_labels, reference, reference, model_size),
     }
     files = {"float16": to_float16(model, image_size),
-             "int8": to_int8(model, image_size, calibration, tuple(params.int8_float_ops))}
+             "int8": to_int8(model, image_size, calibration, tuple(params.int8_float_ops),
+                             float_layers=tuple(params.int8_float_layers))}
     for name in files:
         proba = corrected(tflite_predict(files[name], test_images, params.batch_size, f"{name} on test", decision.tta),
                           decision.class_bias)

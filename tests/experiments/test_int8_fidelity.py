@@ -13,6 +13,7 @@ from stages import export
 from stages.lib import shards
 from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision
+from stages.lib.params import load_params
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import write_params
@@ -34,13 +35,16 @@ def test_a_candidate_changes_only_the_keys_it_names():
     candidate = parse_candidate("images=2000, float=CONV_2D+SOFTMAX,views=flips,worst=3", BASE)
     assert candidate == Candidate(images=2000, float_ops=("CONV_2D", "SOFTMAX"), views="flips", worst=3)
     assert parse_candidate("float=none", BASE).float_ops == ()
+    assert parse_candidate("layers=conv_pw_1+conv_pw_2", BASE).float_layers == ("conv_pw_1", "conv_pw_2")
+    assert parse_candidate("layers=conv_pw_1", BASE).name == "int8, 1000 images, float DEPTHWISE_CONV_2D+conv_pw_1"
     assert parse_candidate("mode=dynamic", BASE).name == "dynamic"
     assert parse_candidate("", BASE).name == "int8, 1000 images, float DEPTHWISE_CONV_2D"
 
 
 @pytest.mark.parametrize("spec, problem", [("images=0", "bad item 'images=0'"), ("float=softmax", "bad item"),
                                            ("colour=1", "bad item 'colour=1'"), ("mode=int4", "bad item"),
-                                           ("mode=int16", "mode=int16 keeps every op quantised")])
+                                           ("mode=int16", "mode=int16 keeps every op quantised"),
+                                           ("layers=", "bad item 'layers='")])
 def test_a_bad_candidate_is_a_clear_error(spec, problem):
     with pytest.raises(ValueError, match=problem):
         parse_candidate(spec, BASE)
@@ -88,7 +92,7 @@ def test_candidates_are_scored_on_val_and_test_is_never_read(tmp_path, monkeypat
     assert record == json.loads((tmp_path / "out.json").read_text())
     assert record["val_images"] == 4 * len(CLASSES) and record["decision"]["tta"] == "flips"
     rows = record["candidates"]
-    assert list(rows) == [parse_candidate("", export.ExportParams(20, 1, 64, ["DEPTHWISE_CONV_2D"])).name, "float16"]
+    assert list(rows) == [parse_candidate("", load_params("export", export.ExportParams, params)).name, "float16"]
     for row in rows.values():
         assert 0 <= row["agreement"] <= 1 and 0 <= row["agreement_operating_point"] <= 1 and row["size_bytes"] > 0
     assert rows["float16"]["agreement"] >= 0.8  # an untrained tiny net: near-ties may flip

@@ -115,7 +115,7 @@ def test_weights_are_frozen_into_the_files_with_batchnorm_folded(exported):
 
 
 def test_int8_file_is_integer_inside_but_the_default_float_ops_with_the_keras_models_interface(exported):
-    """The stage with the repo's params: int8_float_ops [DEPTHWISE_CONV_2D]."""
+    """The stage with the repo's params: int8_float_ops and int8_float_layers."""
     import tensorflow as tf
 
     data = (exported / "models" / "model_int8.tflite").read_bytes()
@@ -123,11 +123,19 @@ def test_int8_file_is_integer_inside_but_the_default_float_ops_with_the_keras_mo
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert (source["dtype"], tuple(source["shape_signature"])) == (np.float32, (-1, 32, 32, 3))
     assert (target["dtype"], tuple(target["shape_signature"])) == (np.float32, (-1, len(CLASSES)))
-    float_ops = load_params("export", export.ExportParams, exported / "params.yaml").int8_float_ops
-    assert json.loads((exported / "metrics" / "export.json").read_text())["int8_float_ops"] == float_ops
+    params = load_params("export", export.ExportParams, exported / "params.yaml")
+    metrics = json.loads((exported / "metrics" / "export.json").read_text())
+    assert metrics["int8_float_ops"] == params.int8_float_ops
+    assert metrics["int8_float_layers"] == params.int8_float_layers
+    convs = [f"conv_pw_{block}" for block in range(1, 14)] + ["conv1"]
+    assert set(params.int8_float_layers) <= set(convs), "this check knows only the convolutions' layers"
     kinds = output_dtypes(data)
     for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX"):
-        assert kinds[op] == ({np.float32} if op in float_ops else {np.int8}), op
+        if op in params.int8_float_ops:
+            assert kinds[op] == {np.float32}, op
+        else:  # CONV_2D: the convolutions of int8_float_layers stay float
+            floats = {np.float32} if op == "CONV_2D" and params.int8_float_layers else set()
+            assert kinds[op] == {np.int8} | floats, op
     images = read_shards(exported / "augmented", "test")[0][:5]
     proba = export.tflite_predict(data, images, batch_size=2)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=0.02)
@@ -184,6 +192,39 @@ def test_int8_with_float_ops_keeps_those_ops_float_and_the_rest_integer(tmp_path
     assert source["dtype"] == target["dtype"] == np.float32
     proba = export.tflite_predict(data, images[:5], batch_size=2)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)  # a float softmax sums to 1
+
+
+def test_int8_float_layers_keep_exactly_those_layers_ops_float(tmp_path):
+    """conv_pw_1 must not also catch conv_pw_10..13: a layer is a whole part of the fused name."""
+    import tensorflow as tf
+
+    images = read_shards(make_shards(tmp_path / "augmented"), "train")[0]
+    data = export.to_int8(tiny_model(images), 32, images[:20], float_layers=("conv_pw_1", "conv_dw_2"))
+    interpreter = tf.lite.Interpreter(model_content=data)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    kinds = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            name = tensors[op["outputs"][0]]["name"]
+            kinds[name.split("/")[1].removesuffix("_relu_1")] = tensors[op["outputs"][0]]["dtype"]
+    assert {layer for layer, dtype in kinds.items() if dtype == np.float32} == {"conv_pw_1", "conv_dw_2"}
+    assert len(kinds) == 27 and sum(dtype == np.int8 for dtype in kinds.values()) == 25
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert source["dtype"] == target["dtype"] == np.float32
+
+
+def test_int8_float_layers_must_be_layers_of_the_model(exported, tmp_path):
+    import keras
+
+    model = keras.saving.load_model(exported / "model.keras")
+    images, labels, ids = read_shards(exported / "augmented", "train")
+    params = export.ExportParams(**{**EXPORT, "int8_float_layers": ["conv_pw_1", "conv_pw_99"]})
+    decision = Decision("none", (0.0,) * len(CLASSES), 0.0, 1.0, 1.0)
+    with pytest.raises(StageError, match="export.int8_float_layers: the model has no layer 'conv_pw_99'"):
+        export.export(model, 1, images, ids, images[:2], labels[:2], params, decision)
+    with pytest.raises(StageError, match="no TFLite tensor comes from layer 'conv_pw_99'"):
+        export.layer_tensors(export.to_float16(model, 32), ("conv_pw_99",))
+    assert len(export.layer_tensors(export.to_float16(model, 32), ("conv_pw_1",))) >= 1
 
 
 def test_int8_float_ops_must_be_known_op_types(tmp_path):
