@@ -123,7 +123,6 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> tuple[dict,
         "top3_accuracy": float(top_k_accuracy_score(labels, proba, k=3, labels=codes)),
         "mel_sensitivity": mel_sensitivity,
         "mel_specificity": mel_specificity,
-        "images": int(len(labels)),
         "per_class": {dx: {"recall": figures["recall"]} for dx, figures in per_class.items()},
     }
     return headline, per_class
@@ -358,10 +357,10 @@ def headline(split: str, metrics: dict) -> dict:
 def log_split(split: str, m: dict) -> None:
     op = m["operating_point"]
     log.info("%s: balanced accuracy %.4f (95%% CI %.3f-%.3f); at the operating point melanoma sensitivity %.4f, "
-             "specificity %.4f (vs nevi %.4f); ECE %.4f (uncalibrated %.4f); %d images", split,
+             "specificity %.4f (vs nevi %.4f); ECE %.4f (uncalibrated %.4f)", split,
              m["balanced_accuracy"], m["balanced_accuracy_ci95_low"], m["balanced_accuracy_ci95_high"],
              op["mel_sensitivity"] or 0.0, op["mel_specificity"] or 0.0, op["mel_specificity_nv"] or 0.0,
-             m["calibration"]["ece"], m["calibration"]["ece_uncalibrated"], m["images"])
+             m["calibration"]["ece"], m["calibration"]["ece_uncalibrated"])
 
 
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),

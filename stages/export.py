@@ -245,7 +245,6 @@ def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarr
                                         params.seed)
     reference = corrected(predict_proba(model, test_images, decision.tta, params.batch_size), decision.class_bias)
     metrics = {
-        "test_images": int(len(test_labels)),
         "representative_images": int(len(calibration)),
         "int8_float_ops": list(params.int8_float_ops),
         "int8_float_layers": list(params.int8_float_layers),
