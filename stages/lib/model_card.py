@@ -139,7 +139,7 @@ def data_section(data: dict[str, Any], splits: dict[str, pd.DataFrame], source: 
 METRIC_ROWS = (("balanced_accuracy", "**balanced accuracy** (mean recall over classes)"), ("accuracy", "accuracy"),
                ("macro_f1", "macro F1"), ("macro_auc", "macro AUC (one-vs-rest)"), ("top2_accuracy", "top-2 accuracy"),
                ("top3_accuracy", "top-3 accuracy"), ("mel_sensitivity", "melanoma sensitivity"),
-               ("mel_specificity", "melanoma specificity"), ("images", "images"))
+               ("mel_specificity", "melanoma specificity"))
 OPERATING_POINT_ROWS = (("mel_sensitivity", "melanoma sensitivity at the threshold"),
                         ("mel_specificity", "melanoma specificity at the threshold (vs the six other classes)"),
                         ("mel_specificity_nv", "melanoma specificity at the threshold (vs nevi only)"),
@@ -177,13 +177,9 @@ def metrics_section(val: dict[str, Any], test: dict[str, Any],
                     details: dict[str, pd.DataFrame | None] | None = None) -> str:
     """Headline metrics led by balanced accuracy (accuracy mostly measures nv), then per class."""
     details = details or {}
-    test_details = details.get("test")
-    if test_details is not None and "nv" in set(test_details["dx"]):
-        nv_images = int(test_details.loc[test_details["dx"] == "nv", "support"].iloc[0])
-    else:
-        nv_images = test.get("per_class", {}).get("nv", {}).get("support", 0) or 0
-    nv_share = nv_images / max(test.get("images", 0) or 0, 1)
+    images = {split: None if table is None else int(table["support"].sum()) for split, table in details.items()}
     rows = [[label, val.get(key), test.get(key)] for key, label in METRIC_ROWS]
+    rows.append(["images", images.get("val"), images.get("test")])
     ci = [interval(val), interval(test)]
     if any(ci):
         rows.insert(1, ["balanced accuracy, 95% interval (lesion-group bootstrap)"] + [c or "–" for c in ci])
@@ -192,9 +188,12 @@ def metrics_section(val: dict[str, Any], test: dict[str, Any],
                      (val.get("decision") or {}).get("mel_threshold"), None])
         rows += [[label, (val.get("operating_point") or {}).get(key), (test.get("operating_point") or {}).get(key)]
                  for key, label in OPERATING_POINT_ROWS]
+    test_details = details.get("test")
+    nv = "most" if test_details is None else \
+        f"{int(test_details.loc[test_details['dx'] == 'nv', 'support'].sum()) / max(images['test'], 1):.0%}"
     parts = ["## Metrics", "",
-             f"Balanced accuracy leads: `nv` is {nv_share:.0%} of the test images, so plain accuracy mostly "
-             "measures it.", "", md_table(["metric", "validation", "test"], rows)]
+             f"Balanced accuracy leads: `nv` is {nv} of the test images, so plain accuracy mostly measures it.",
+             "", md_table(["metric", "validation", "test"], rows)]
     for name, split, headline in (("Validation", "val", val), ("Test", "test", test)):
         parts += ["", f"{name}, per class:", "",
                   md_table(["class"] + [label for _, label in PER_CLASS_COLUMNS],

@@ -324,3 +324,16 @@ def test_a_missing_or_unknown_source_record_is_a_clear_error(tmp_path, text):
     (tmp_path / "source.json").write_text(text)
     with pytest.raises(StageError, match="source.json: must hold 'files', each file's size and sha256 .*download"):
         report.read_source(tmp_path / "source.json")
+
+
+def test_card_counts_images_from_the_per_class_tables():
+    """The image counts and nv's share come from evaluate's per_class.csv supports, not from metrics."""
+    from stages.lib.model_card import metrics_section
+
+    def table(nv: int, others: int) -> pd.DataFrame:
+        return pd.DataFrame({"dx": list(CLASSES), "support": [others if dx != "nv" else nv for dx in CLASSES]})
+
+    text = metrics_section({"balanced_accuracy": 0.7}, {"balanced_accuracy": 0.6},
+                           {"val": table(60, 10), "test": table(30, 5)})
+    assert "`nv` is 50% of the test images" in text
+    assert "| images | 120 | 60 |" in text
