@@ -37,21 +37,27 @@ log = logging.getLogger("stages.lib.files")
 STRING_COLUMNS = {"image_id": str, "lesion_id": str, "lesion_group": str, "dx": str}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = ".tmp") -> Iterator[tuple[int, str]]:
+    """(fd, name) of a new file beside `path`, renamed onto `path` if the block succeeds, else deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield fd, tmp
         os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -223,15 +229,6 @@ def write_table(path: Path, table) -> None:
 
 def atomic_save_model(model, path: Path) -> None:
     """`model.save(path)` (a Keras model, a .keras file), atomically like atomic_write_bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".keras", dir=path.parent)  # Keras wants .keras
-    os.close(fd)
-    try:
+    with replacing(path, suffix=".keras") as (fd, tmp):  # Keras wants the .keras suffix
+        os.close(fd)
         model.save(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
