@@ -7,6 +7,9 @@ that re-encoding them changes pixels only a little.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -118,3 +121,35 @@ def declare_size(path: Path, width: int = 20_000, height: int = 20_000) -> None:
     frame = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
     data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     path.write_bytes(bytes(data))
+
+
+# Temporary git + DVC repositories, run with this venv's DVC and Python.
+VENV_BIN = Path(sys.executable).parent
+DVC = str(VENV_BIN / "dvc")
+# Queue workers are started as `dvc ...` and the stage as `python ...`: both must be the venv's.
+ENV = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+
+
+def run(cwd: Path, *cmd: str, timeout: float = 60) -> str:
+    """Run a command; on failure, fail the test with its output (not just an exit code)."""
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return run(cwd, DVC, *args)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return run(cwd, "git", "-c", "user.name=t", "-c", "user.email=t@t", *args)
+
+
+def init_dvc_repo(repo: Path) -> Path:
+    """`repo` as a new git + DVC repository. The identity is set in the repo's own config: DVC makes
+    experiment commits itself, and a CI machine may have no global git identity."""
+    git(repo, "init", "-q")
+    git(repo, "config", "user.name", "t")
+    git(repo, "config", "user.email", "t@t")
+    dvc(repo, "init", "-q")
+    return repo

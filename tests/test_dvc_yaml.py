@@ -182,13 +182,12 @@ def changed(value):
 
 def test_a_result_neutral_key_reruns_nothing_and_a_declared_one_its_stage(tmp_path):
     """DVC itself, on stand-in stages with this dvc.yaml's params lists and this params.yaml."""
-    from tests.test_scaling import dvc, git
+    from tests.fixtures import dvc, init_dvc_repo
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     stages = {name: {"cmd": f"echo {name} > {name}.txt", "params": stage["params"], "outs": [f"{name}.txt"]}
               for name, stage in DVC_YAML["stages"].items()}
-    git(tmp_path, "init", "-q")
-    dvc(tmp_path, "init", "-q")
+    init_dvc_repo(tmp_path)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(tmp_path, "repro", "-q")

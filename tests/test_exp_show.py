@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from stages.evaluate import HEADLINE, headline
-from tests.test_scaling import DVC, ENV, dvc, git
+from tests.fixtures import DVC, ENV, dvc, git, init_dvc_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 120
@@ -83,10 +83,7 @@ def longest_declared_key() -> tuple[str, float]:
 def shown(tmp_path_factory) -> tuple[str, dict]:
     """(the README command's output at 120 columns, the experiments' names and params)."""
     repo = tmp_path_factory.mktemp("exp_show")
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "t")
-    git(repo, "config", "user.email", "t@t")
-    dvc(repo, "init", "-q")
+    init_dvc_repo(repo)
     real = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     stages, upstream = {}, ["stand_in.py"]
     for name, stage in real.items():

@@ -20,8 +20,7 @@ import numpy as np
 import yaml
 
 from stages.lib.inference import PLAIN
-from tests.fixtures import image_pixels, jpeg_bytes
-from tests.test_scaling import dvc, git, run
+from tests.fixtures import dvc, git, image_pixels, init_dvc_repo, jpeg_bytes, run
 from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +39,7 @@ def registered_model() -> tuple[str, dict]:
 def origin_repo(folder: Path, built: Path, storage: Path) -> Path:
     """A committed repository with the project's code, stand-in stages, a default remote, pushed."""
     folder.mkdir()
-    git(folder, "init", "-q")
-    git(folder, "config", "user.name", "t")
-    git(folder, "config", "user.email", "t@t")
-    dvc(folder, "init", "-q")
+    init_dvc_repo(folder)
     shutil.copytree(ROOT / "stages", folder / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     name, entry = registered_model()
     copy = f"{sys.executable} -c \"import shutil, sys; shutil.copy(*sys.argv[1:])\""

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import typing
 from pathlib import Path
@@ -24,13 +21,10 @@ from pathlib import Path
 import pytest
 
 from stages.train import TrainParams
+from tests.fixtures import dvc, git, init_dvc_repo, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VENV_BIN = Path(sys.executable).parent
-DVC = str(VENV_BIN / "dvc")
-# Queue workers are started as `dvc ...` and the stage as `python ...`: both must be the venv's.
-ENV = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
 
 SQUARE_PY = """\
 import json, pathlib, yaml
@@ -52,34 +46,12 @@ stages:
 """
 
 
-def run(cwd: Path, *cmd: str, timeout: float = 60) -> str:
-    """Run a command; on failure, fail the test with its output (not just an exit code)."""
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    return run(cwd, DVC, *args)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return run(cwd, "git", "-c", "user.name=t", "-c", "user.email=t@t", *args)
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A committed git + DVC repo with the `square` stage reproduced at x = 1.
-
-    The identity is also set in the repo's own config: DVC makes experiment commits itself, and
-    a CI machine may have no global git identity.
-    """
+    """A committed git + DVC repo with the `square` stage reproduced at x = 1."""
     repo = tmp_path / "project"
     repo.mkdir()
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "t")
-    git(repo, "config", "user.email", "t@t")
-    dvc(repo, "init", "-q")
+    init_dvc_repo(repo)
     (repo / "square.py").write_text(SQUARE_PY)
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "params.yaml").write_text("x: 1\n")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import sweep_summary
-from tests.test_scaling import dvc, git
+from tests.fixtures import dvc, git, init_dvc_repo
 
 ROOT = Path(__file__).resolve().parents[2]
 STAND_IN = """\
@@ -65,10 +65,7 @@ VAL_MEL = "metrics/val.json:operating_point.mel_sensitivity"
 def swept(tmp_path_factory):
     """The repo after the committed run (seed 42) and two queued sweeps, each of seeds 1 and 2."""
     repo = tmp_path_factory.mktemp("sweep")
-    git(repo, "init", "-q")
-    git(repo, "config", "user.name", "t")
-    git(repo, "config", "user.email", "t@t")
-    dvc(repo, "init", "-q")
+    init_dvc_repo(repo)
     (repo / "stand_in.py").write_text(STAND_IN)
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "params.yaml").write_text(PARAMS)
