@@ -296,7 +296,7 @@ INTENDED_USE = """## Intended use
   Any suspicious skin lesion needs a clinician."""
 
 
-def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame], source: dict[str, Any],
+def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame],
                         image_size: int) -> str:
     everything = pd.concat(list(splits.values()), ignore_index=True)
     counts = everything["dx"].value_counts()
@@ -363,7 +363,7 @@ def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: in
         subgroup_section(subgroups, min_group_size),
         gradcam_section(gradcam_sample, gradcam_sheets, gradcam_per_class, gradcam_layer),
         INTENDED_USE,
-        limitations_section(data, splits, source, image_size),
+        limitations_section(data, splits, image_size),
         REPRODUCE,
     ]
     return "\n\n".join(sections) + "\n"
