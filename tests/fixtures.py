@@ -153,3 +153,13 @@ def init_dvc_repo(repo: Path) -> Path:
     git(repo, "config", "user.email", "t@t")
     dvc(repo, "init", "-q")
     return repo
+
+
+def scene_marks(node, marktype: str, role: str | None = None) -> list[dict]:
+    """Every mark group of `marktype` (and `role`, if given) in a vega scenegraph, depth first."""
+    if isinstance(node, list):
+        return [mark for value in node for mark in scene_marks(value, marktype, role)]
+    if not isinstance(node, dict):
+        return []
+    found = [node] if node.get("marktype") == marktype and role in (None, node.get("role")) else []
+    return found + [mark for value in node.values() for mark in scene_marks(value, marktype, role)]

@@ -31,6 +31,7 @@ import yaml
 from stages import evaluate
 from stages.lib import gradcam
 from stages.lib.dataset import CLASSES
+from tests.fixtures import scene_marks
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
@@ -342,20 +343,6 @@ def test_every_plot_renders_to_an_image(rendered):
     assert len(gradcam_entries) == 2, "one image entry per contact sheet"
 
 
-def text_marks(node, found=None) -> list[dict]:
-    """(role, items) of every text mark group in a vega scenegraph."""
-    found = [] if found is None else found
-    if isinstance(node, dict):
-        if node.get("marktype") == "text":
-            found.append(node)
-        for value in node.values():
-            text_marks(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            text_marks(value, found)
-    return found
-
-
 def test_normalised_confusion_rows_are_true_classes_and_sum_to_one(rendered):
     import vl_convert
 
@@ -365,7 +352,7 @@ def test_normalised_confusion_rows_are_true_classes_and_sum_to_one(rendered):
             continue
         spec = result["images"][name][0]
         graph = vl_convert.vegalite_to_scenegraph(spec, vl_version="5.21")["scenegraph"]
-        marks = text_marks(graph)
+        marks = scene_marks(graph, "text")
         titles = [item["text"] for m in marks if m.get("role") == "axis-title" for item in m["items"]]
         assert "true class" in titles and "predicted class" in titles
         y_labels = next(m for m in marks if m.get("role") == "axis-label" and m["items"][0]["x"] < 0)

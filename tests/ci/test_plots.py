@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import scene_marks
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / ".ci" / "plots_offline.py"
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -189,18 +191,9 @@ def test_headless_chromium_draws_every_chart_with_no_network(page, repo, tmp_pat
 # --------------------------------------------------------------------------------------------
 # Axis titles and legends, from DVC's filled specs
 # --------------------------------------------------------------------------------------------
-def texts(node, role: str, found=None) -> list[str]:
+def texts(node, role: str) -> list[str]:
     """The texts of every text mark with `role` in a vega scenegraph."""
-    found = [] if found is None else found
-    if isinstance(node, dict):
-        if node.get("marktype") == "text" and node.get("role") == role:
-            found += [item.get("text") for item in node.get("items", [])]
-        for value in node.values():
-            texts(value, role, found)
-    elif isinstance(node, list):
-        for value in node:
-            texts(value, role, found)
-    return found
+    return [item.get("text") for mark in scene_marks(node, "text", role) for item in mark.get("items", [])]
 
 
 def scenegraphs(repo: Path) -> dict[str, dict]:
@@ -237,20 +230,6 @@ def test_reliability_diagram_draws_one_line_per_set_of_probabilities(repo, tmp_p
     labels = set(texts(graph, "legend-label"))
     assert labels & {"calibrated", "uncalibrated"} == (set(curves) or {"uncalibrated"})
     assert "probabilities" in texts(graph, "legend-title")
-    strokes = {item.get("stroke") for mark in line_marks(graph) for item in mark.get("items", [])}
+    strokes = {item.get("stroke") for mark in scene_marks(graph, "line", role="mark") for item in mark.get("items", [])}
     colours = {"calibrated": "#1f77b4", "uncalibrated": "#ff7f0e"}  # each set keeps its colour
     assert strokes - {"grey"} == {colours[curve] for curve in curves or ["uncalibrated"]}
-
-
-def line_marks(node, found=None) -> list[dict]:
-    """Every line mark of a vega scenegraph (the chance diagonal's stroke is "grey")."""
-    found = [] if found is None else found
-    if isinstance(node, dict):
-        if node.get("marktype") == "line" and node.get("role") == "mark":
-            found.append(node)
-        for value in node.values():
-            line_marks(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            line_marks(value, found)
-    return found
