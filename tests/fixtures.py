@@ -163,3 +163,16 @@ def scene_marks(node, marktype: str, role: str | None = None) -> list[dict]:
         return []
     found = [node] if node.get("marktype") == marktype and role in (None, node.get("role")) else []
     return found + [mark for value in node.values() for mark in scene_marks(value, marktype, role)]
+
+
+def help_in_fresh_python(module: str, watched: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`stages.<module>.main(["--help"])` in a new interpreter, which must exit 0: (what it printed,
+    before the last line, and which of the `watched` modules it had imported by then)."""
+    code = (f"import sys\nfrom stages import {module}\ntry:\n    {module}.main(['--help'])\n"
+            "except SystemExit as done:\n    assert done.code == 0\n"
+            f"print(','.join(sorted(m for m in {watched!r} if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    *printed, imported = done.stdout.splitlines()
+    return "\n".join(printed), [name for name in imported.split(",") if name]

@@ -23,7 +23,7 @@ from stages.lib.inference import Decision, top_k
 from stages.lib.ood import FEATURE_LAYER, OodDetector
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
-from tests.fixtures import image_pixels, jpeg_bytes
+from tests.fixtures import help_in_fresh_python, image_pixels, jpeg_bytes
 from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,13 +224,9 @@ def test_a_broken_decision_file_is_a_one_line_usage_error(model_and_path, good_i
 
 
 def test_help_answers_without_importing_tensorflow_and_options_are_not_abbreviated():
-    code = ("import sys\nfrom stages import predict\ntry:\n    predict.main(['--help'])\n"
-            "except SystemExit as done:\n    assert done.code == 0\n"
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "[]"
-    assert "usage: python -m stages.predict" in done.stdout and "exit status: 0" in done.stdout
+    printed, imported = help_in_fresh_python("predict", ("tensorflow", "keras"))
+    assert imported == []
+    assert "usage: python -m stages.predict" in printed and "exit status: 0" in printed
     with pytest.raises(SystemExit) as abbreviated:
         predict.parse_args(["--jso", "x.jpg"])
     assert abbreviated.value.code == 2

@@ -21,7 +21,7 @@ from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
-from tests.fixtures import image_pixels, jpeg_bytes
+from tests.fixtures import help_in_fresh_python, image_pixels, jpeg_bytes
 from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,14 +158,10 @@ def test_the_default_cap_is_10_mb():
 
 
 def test_help_answers_without_importing_tensorflow_or_the_server():
-    code = ("import sys\nfrom stages import serve\ntry:\n    serve.main(['--help'])\n"
-            "except SystemExit as done:\n    assert done.code == 0\n"
-            "print(sorted(m for m in ('tensorflow', 'keras', 'uvicorn', 'starlette') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "[]"
-    assert "usage: python -m stages.serve" in done.stdout and "127.0.0.1" in done.stdout
-    assert "not a medical device" in " ".join(done.stdout.split())
+    printed, imported = help_in_fresh_python("serve", ("tensorflow", "keras", "uvicorn", "starlette"))
+    assert imported == []
+    assert "usage: python -m stages.serve" in printed and "127.0.0.1" in printed
+    assert "not a medical device" in " ".join(printed.split())
 
 
 def test_a_broken_model_or_a_taken_port_is_a_one_line_usage_error(served, tmp_path, capsys):
