@@ -22,11 +22,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from stages import train  # noqa: E402
-from stages.lib.files import atomic_write_json  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
+from stages import train
+from stages.lib.files import atomic_write_json
+from stages.lib.params import load_params
 
 TRAIN_ROWS = 11_542  # training rows per epoch (the mirror, augment defaults)
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages import dedupe  # noqa: E402
-from stages.lib.images import MAX_IMAGE_PIXELS, image_file  # noqa: E402
+from stages import dedupe
+from stages.lib.images import MAX_IMAGE_PIXELS, image_file
 
 QUANTILES = (0.001, 0.01, 0.05, 0.5)
 

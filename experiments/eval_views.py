@@ -20,17 +20,17 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments.score_seeds import mean_sd  # noqa: E402
-from stages.evaluate import EvaluateParams, choose_decision, real_train_labels  # noqa: E402
-from stages.lib.files import atomic_write_json  # noqa: E402
-from stages.lib.images import image_file, load_image  # noqa: E402
-from stages.lib.inference import VIEWS as PIPELINE_VIEWS  # noqa: E402
-from stages.lib.inference import corrected, flips, mean_over_views  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
-from stages.lib.shards import read_shards  # noqa: E402
-from stages.train import TrainParams, build_model  # noqa: E402
+from experiments.score_seeds import mean_sd
+from stages.evaluate import EvaluateParams, choose_decision, real_train_labels
+from stages.lib.files import atomic_write_json
+from stages.lib.images import image_file, load_image
+from stages.lib.inference import VIEWS as PIPELINE_VIEWS
+from stages.lib.inference import corrected, flips, mean_over_views
+from stages.lib.params import load_params
+from stages.lib.shards import read_shards
+from stages.train import TrainParams, build_model
 
 log = logging.getLogger("eval_views")
 

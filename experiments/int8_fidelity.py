@@ -25,13 +25,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from stages import export  # noqa: E402
-from stages.lib.files import atomic_write_text  # noqa: E402
-from stages.lib.inference import Decision, corrected, decide, flips, predict_proba  # noqa: E402
-from stages.lib.params import PARAMS_FILE, load_params  # noqa: E402
-from stages.lib.shards import read_shards  # noqa: E402
+from stages import export
+from stages.lib.files import atomic_write_text
+from stages.lib.inference import Decision, corrected, decide, flips, predict_proba
+from stages.lib.params import PARAMS_FILE, load_params
+from stages.lib.shards import read_shards
 
 MODES = ("int8", "int16", "dynamic", "float16")
 """int8: int8 weights and activations (the stage's file); int16: int16 activations, int8 weights;

@@ -18,20 +18,20 @@ import dataclasses
 import warnings
 from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments.score_seeds import mean_sd  # noqa: E402
-from stages.evaluate import (  # noqa: E402
+from experiments.score_seeds import mean_sd
+from stages.evaluate import (
     EvaluateParams,
     choose_decision,
     corrected_ba,
     lesion_group_of_each_image,
     real_train_labels,
 )
-from stages.lib.files import atomic_write_json  # noqa: E402
-from stages.lib.inference import prior_bias  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
-from stages.lib.shards import read_shards  # noqa: E402
+from stages.lib.files import atomic_write_json
+from stages.lib.inference import prior_bias
+from stages.lib.params import load_params
+from stages.lib.shards import read_shards
 
 
 def lesion_halvings(groups: np.ndarray, count: int, seed: int) -> list[np.ndarray]:

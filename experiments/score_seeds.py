@@ -18,12 +18,12 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels  # noqa: E402
-from stages.lib.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from stages.lib.inference import corrected, decide  # noqa: E402
-from stages.lib.params import load_params  # noqa: E402
+from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels
+from stages.lib.files import atomic_write_bytes, atomic_write_json
+from stages.lib.inference import corrected, decide
+from stages.lib.params import load_params
 
 FIGURES = ("balanced_accuracy", "mel_sensitivity", "macro_f1", "macro_auc")
 

@@ -26,17 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import yaml
 
-from experiments.score_seeds import mean_sd, save_probabilities, score_run  # noqa: E402
-from stages import augment, train  # noqa: E402
-from stages.evaluate import EvaluateParams, real_train_labels  # noqa: E402
-from stages.lib.files import atomic_write_json  # noqa: E402
-from stages.lib.inference import VIEWS, predict_proba  # noqa: E402
-from stages.lib.params import from_dict, load_params  # noqa: E402
-from stages.lib.shards import read_shards  # noqa: E402
-from stages.train import affine_about_centre, contrast_then_brightness  # noqa: E402
+from experiments.score_seeds import mean_sd, save_probabilities, score_run
+from stages import augment, train
+from stages.evaluate import EvaluateParams, real_train_labels
+from stages.lib.files import atomic_write_json
+from stages.lib.inference import VIEWS, predict_proba
+from stages.lib.params import from_dict, load_params
+from stages.lib.shards import read_shards
+from stages.train import affine_about_centre, contrast_then_brightness
 
 log = logging.getLogger("sweep")
 
