@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -30,7 +31,11 @@ def in_range(name: str, value: float, lo: float | None = None, hi: float | None 
 
     A bound of None is no bound; `lo_open` / `hi_open` exclude the bound itself (lo < value,
     value < hi). The message states the range as `>= 1`, `> 0`, `<= 180` or `in [0, 1)`.
+    A value that is not a finite real number (a bool, a string, NaN, an infinity) is refused
+    as `<name> must be a finite number, got <value>`: NaN would pass every comparison.
     """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     too_high = hi is not None and (value >= hi if hi_open else value > hi)
     if not (too_low or too_high):

@@ -1,11 +1,14 @@
-"""Tests for stages/lib/params.py: NaN and infinities are refused at any depth, duplicate keys too."""
+"""Tests for stages/lib/params.py: NaN and infinities are refused at any depth, duplicate keys and YAML booleans
+where a number is declared too; in_range is the one numeric check."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -125,3 +128,53 @@ def test_an_empty_params_file_has_no_sections(tmp_path):
     assert read_params(tmp_path / "params.yaml") == {}
     with pytest.raises(ParamError, match="missing section 'split'"):
         load_params("split", split.SplitParams, tmp_path / "params.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Counted:
+    count: int  # no range check: only the type check stands between a YAML boolean and this field
+    share: float = 0.5
+
+
+@pytest.mark.parametrize("text, key, declared", [
+    ("count: true\n", "count", "int"), ("count: no\n", "count", "int"), ("count: 1\nshare: yes\n", "share", "float"),
+], ids=["true-as-int", "no-as-int", "yes-as-float"])
+def test_a_yaml_boolean_where_a_number_is_declared_is_refused_naming_the_key(tmp_path, text, key, declared):
+    """YAML 1.1 reads `true`, `no`, `yes` as booleans, and a bool is an int in Python: `seed: true` must not run
+    as seed 1."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("s:\n" + "".join(f"  {line}\n" for line in text.splitlines()), encoding="utf-8")
+    value = read_params(params_file)["s"][key]
+    assert type(value) is bool  # the YAML parser really gave a boolean
+    with pytest.raises(ParamError, match=rf"^s.{key} must be {declared}, got {value!r}$"):
+        load_params("s", Counted, params_file)
+
+
+def test_a_yaml_boolean_for_a_stage_seed_is_refused_by_the_type_check(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("split:\n  seed: true\n  train: 0.7\n  val: 0.15\n  test: 0.15\n", encoding="utf-8")
+    with pytest.raises(ParamError, match=r"^split.seed must be int, got True$"):
+        load_params("split", split.SplitParams, params_file)
+
+
+@pytest.mark.parametrize("value", [True, False, "1", None, math.nan, math.inf, -math.inf],
+                         ids=["true", "false", "str", "none", "nan", "inf", "-inf"])
+def test_in_range_refuses_what_is_not_a_finite_number(value):
+    """in_range is the one numeric check, also for files no typed loader checked first (the decision file)."""
+    with pytest.raises(ValueError, match=rf"^x must be a finite number, got {re.escape(repr(value))}$"):
+        in_range("x", value, 0, 1)
+
+
+@pytest.mark.parametrize("value", [np.int64(1), np.float32(0.5), np.float64(1.0), 0, 0.25])
+def test_in_range_accepts_numpy_and_python_numbers(value):
+    in_range("x", value, 0, 1)
+
+
+@pytest.mark.parametrize("value, ok", [(0.0, False), (1e-12, True), (1.0, True), (1.5, False)])
+def test_in_range_open_low_bound_as_a_decision_file_needs_it(value, ok):
+    """(0, 1]: 0 itself is out (a temperature of 0), 1 itself is in."""
+    if ok:
+        in_range("t", value, 0, 1, lo_open=True)
+    else:
+        with pytest.raises(ValueError, match=rf"^t must be in \(0, 1\], got {value!r}$"):
+            in_range("t", value, 0, 1, lo_open=True)
