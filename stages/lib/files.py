@@ -227,8 +227,45 @@ def write_table(path: Path, table) -> None:
     atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
 
 
+_KERAS_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold (reproducible-builds usage)
+
+
+def _deterministic_keras_zip(data: bytes) -> bytes:
+    """The .keras file `data` with nothing that depends on when or where it was saved.
+
+    Keras writes the save time in metadata.json (`date_saved`, kept as a key since Keras's file
+    editor reads it: set to _KERAS_ZIP_TIME) and the weights entry's time and mode from its
+    temporary file. Every entry gets _KERAS_ZIP_TIME and mode 644, in name order (Keras lists
+    assets in the order the filesystem gives), its bytes and compression unchanged (the HDF5
+    weights inside hold no times: h5py does not track them unless asked).
+    """
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as target:
+        for entry in sorted(source.infolist(), key=lambda e: e.filename):
+            content = source.read(entry)
+            if entry.filename == "metadata.json":
+                metadata = json.loads(content)
+                metadata["date_saved"] = "{:04d}-{:02d}-{:02d}@{:02d}:{:02d}:{:02d}".format(*_KERAS_ZIP_TIME)
+                content = json.dumps(metadata).encode()
+            info = zipfile.ZipInfo(entry.filename, date_time=_KERAS_ZIP_TIME)
+            info.compress_type = entry.compress_type
+            info.create_system = 3  # Unix, whatever system saved it: the mode below is a Unix mode
+            info.external_attr = 0o100644 << 16  # a regular file, rw-r--r-- (Keras writes no folder entries)
+            target.writestr(info, content)
+    return out.getvalue()
+
+
 def atomic_save_model(model, path: Path) -> None:
-    """`model.save(path)` (a Keras model, a .keras file), atomically like atomic_write_bytes."""
+    """`model.save(path)` (a Keras model, a .keras file), atomically like atomic_write_bytes, and
+    deterministic: the same model (weights, optimizer state, config) gives the same bytes."""
     with replacing(path, suffix=".keras") as (fd, tmp):  # Keras wants the .keras suffix
         os.close(fd)
         model.save(tmp)
+        data = _deterministic_keras_zip(Path(tmp).read_bytes())
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
