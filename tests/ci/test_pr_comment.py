@@ -188,17 +188,23 @@ def test_spread_notes_and_headline_rows_as_functions():
     assert note("test", "balanced_accuracy", 0.70, 0.70, spread) == "", "no change, nothing to mark"
     assert note("val", "balanced_accuracy", 0.70, 0.71, spread) == "", "no spread known for validation"
     assert note("test", "operating_point.mel_sensitivity", 0.85, 0.86, spread) == "within seed spread (sd 0.010)"
-    # ECE moved from the report's summary to test.json: each revision shows what it has
-    table = script.headline_table({"metrics/report/summary.json": {"ece": 0.05}},
-                                  {"metrics/test.json": {"calibration": {"ece": 0.04}}}, {})
-    assert table.splitlines()[2:] == ["| test | expected calibration error | 0.0500 | 0.0400 | -0.0100 |  |"]
-    # the interval was one list before its two scalars
-    table = script.headline_table({"metrics/test.json": {"balanced_accuracy_ci95": [0.6, 0.7]}},
+    # a figure only one revision has: a dash for the other
+    table = script.headline_table({}, {"metrics/test.json": {"calibration": {"ece": 0.04}}}, {})
+    assert table.splitlines()[2:] == ["| test | expected calibration error | – | 0.0400 | changed |  |"]
+    # the interval's two scalars show as one pair; half an interval is none
+    table = script.headline_table({"metrics/test.json": {"balanced_accuracy_ci95_low": 0.6}},
                                   {"metrics/test.json": {"balanced_accuracy_ci95_low": 0.62,
                                                          "balanced_accuracy_ci95_high": 0.72}}, {})
-    assert table.splitlines()[2:] == ["| test | balanced accuracy, 95% CI | [0.6000, 0.7000] | [0.6200, 0.7200] | "
-                                      "changed |  |"]
+    assert table.splitlines()[2:] == ["| test | balanced accuracy, 95% CI | – | [0.6200, 0.7200] | changed |  |"]
     assert script.headline_table({}, {}, {}) == "No headline figure in either revision."
+
+
+def test_figures_show_with_4_decimals_and_no_thousands_separators():
+    script = load(SCRIPT)
+    assert [script.shown(v) for v in (0.1, 12345, True, None, [0.5, 2], "x")] == [
+        "0.1000", "12345", "true", "–", "[0.5000, 2]", "x"]
+    assert script.change(0.7, 0.65) == "-0.0500" and script.change(1, 3) == "+2.0000" and script.change("a", "b") == \
+        "changed"
 
 
 def test_the_seed_spread_is_the_committed_configurations_as_the_readme_cites_it():

@@ -130,6 +130,41 @@ def test_subgroups_by_age_band_sex_and_site_flag_small_groups():
     assert set(report.subgroup_metrics(table.drop(columns=["sex", "age"]), [30], 3)) == {"localization"}
 
 
+CALIBRATION_TABLE = pd.DataFrame({"probabilities": ["calibrated"], "bin": [9], "confidence": [0.95],
+                                  "accuracy": [0.9], "count": [10]})
+
+
+@pytest.mark.parametrize("tta, views", [("flips", "(mean over the 4 flips)"),
+                                        ("none", "(of the image as it is, no flips)")])
+def test_the_card_says_which_views_the_probabilities_average_as_the_decision_does(tta, views):
+    from stages.lib.model_card import calibration_section
+
+    text = calibration_section(CALIBRATION_TABLE, {"decision": {"temperature": 1.5}}, {}, tta)
+    assert f"where p is the model's probability {views}, T = 1.500" in text
+    assert ("4 flips" in text) == (tta == "flips")
+
+
+def test_every_tta_setting_has_its_wording():
+    from typing import get_args
+
+    from stages.lib.inference import TTA
+    from stages.lib.model_card import VIEWS_TEXT
+
+    assert set(VIEWS_TEXT) == set(get_args(TTA))
+
+
+def test_the_quoted_params_are_read_with_the_duplicate_key_check(tmp_path):
+    params = write_params(tmp_path / "params.yaml", train={"alpha": 0.5}, evaluate={"tta": "none"})
+    train_facts, evaluate_facts = report.load_quoted_params(params)
+    assert (train_facts.alpha, evaluate_facts.tta) == (0.5, "none")
+    text = params.read_text(encoding="utf-8")
+    params.write_text(text.replace("  alpha: 0.5\n", "  alpha: 0.5\n  alpha: 1.0\n", 1), encoding="utf-8")
+    with pytest.raises(ParamError, match=r"duplicate key train.alpha \(lines \d+ and \d+\)"):
+        report.load_quoted_params(params)
+    with pytest.raises(ParamError, match=r"^evaluate.tta must be one of \['none', 'flips'\], got 'all'$"):
+        report.load_quoted_params(write_params(tmp_path / "bad.yaml", evaluate={"tta": "all"}))
+
+
 def test_unknown_or_badly_ordered_report_params_are_refused(tmp_path):
     params = write_params(tmp_path / "params.yaml", report={**TINY_REPORT, "age_bands": [60, 30]})
     with pytest.raises(ParamError, match="age_bands must be strictly increasing"):
