@@ -256,6 +256,16 @@ def test_every_result_file_is_indexed_and_every_named_file_exists():
     assert all((RESULTS / name).exists() or (ROOT / name).exists() for name in named)
 
 
+def test_dedupe_page_counts_are_the_committed_datas():
+    """docs/dedupe.md's counts on the mirror: metrics/data.json of the committed data."""
+    data = metrics("data.json")
+    text = " ".join((ROOT / "docs" / "dedupe.md").read_text().split())
+    assert f"({data['images'] + data['exact_duplicates']['removed']:,} images at 200x150)" in text
+    assert (f"finds {data['exact_duplicates']['found']} exact pairs and {data['near_duplicates']['found']} "
+            f"near-duplicate pairs, which merge {'one pair' if data['merged_lesion_groups'] == 1 else None} "
+            "of lesion ids") in text
+
+
 def test_the_page_names_only_files_that_exist():
     """Every file path on the page is in the tree (a retired one is named by `git show REV:PATH`)."""
     for path in set(re.findall(r"(?<![\w:/.-])[\w./-]+/[\w./-]+\.(?:py|md|json|yaml)\b", PAGE.read_text())):
