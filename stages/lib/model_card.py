@@ -21,6 +21,21 @@ OFFICIAL_IMAGES = 10_015  # images in the official HAM10000 release (600x450 JPE
 MISSING_METADATA = "unknown"  # the group of rows whose metadata value (age, sex, site, dx_type) is missing
 SUBGROUP_ATTRIBUTES = ("sex", "age", "localization")  # metadata columns, where the split has them
 SUBGROUP_TITLES = {"sex": "Sex", "age": "Age band (years)", "localization": "Body site"}
+# Committed settings that test figures helped choose, and how (docs/experiments.md, "Where test helped
+# choose"). When one is re-chosen on validation, update its entry here and there.
+TEST_INFORMED = (
+    ("`export.int8_float_ops` (depthwise convolutions kept float32) and `export.representative_images`",
+     "chosen by the int8 file's agreement with the Keras model on test, on an earlier model"),
+    ("`export.int8_float_layers`",
+     "chosen on validation, against a margin (agreement 0.98) set from an earlier model's int8 agreement on test"),
+    ("the learning rate's warm-up and cosine decay (`train.warmup_epochs`, `train.min_learning_rate`), and "
+     "oversampling by repetition (`augment.target_per_class`) rather than class weights alone",
+     "followed from single-seed test figures of the first experiments; never compared on validation"),
+    ("`train.trainable_from`, `train.learning_rate`, `train.average_last_epochs`, `evaluate.tta` and the prior "
+     "correction", "first followed from single-seed test figures; compared on validation since"),
+    ("the prior of the shown probabilities (training class shares) and the out-of-distribution layer "
+     f"(`{FEATURE_LAYER}`)", "their only recorded comparisons are on test (the prior) or name no split (the layer)"),
+)
 
 
 @dataclass(frozen=True)
@@ -88,9 +103,11 @@ def model_section(train: TrainFacts, model_facts: dict[str, Any], image_size: in
         f"- Parameters: {fmt(model_facts['parameters'])}, of which {fmt(model_facts['trainable_parameters'])} "
         f"trainable; {model_facts['frozen_layers']} of {model_facts['layers_with_weights']} layers with weights "
         "frozen.",
-        "- Everything chosen after training (how probabilities become an answer) is chosen on the validation "
-        "split. The test split is scored by `evaluate`, and read by this report (calibration, subgroups, "
-        "Grad-CAM) and by `export` (agreement of the exported files), never to choose anything.",
+        "- How probabilities become an answer (prior strength, melanoma threshold, temperature, out-of-distribution "
+        "threshold) is chosen on the validation split. The test split is scored by `evaluate`, and read by this "
+        "report (calibration, subgroups, Grad-CAM) and by `export` (agreement of the exported files). Test figures "
+        "did help choose these committed settings (docs/experiments.md, \"Where test helped choose\"):",
+        *(f"  - {setting}: {how}." for setting, how in TEST_INFORMED),
     ])
 
 
