@@ -109,7 +109,10 @@ def list_images(folder: Path) -> dict[str, Path]:
 
 
 def check_rows(meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Apply the row rules of the module docstring; returns (usable rows, exclusions)."""
+    """The metadata rules, in this order (docs/dedupe.md, "Rules"): empty image_id or lesion_id;
+    a row identical to an earlier one (that one is kept); rows of one image_id that differ (all
+    removed); a dx not among the seven classes; every row of a lesion with two diagnoses.
+    Returns (usable rows, exclusions)."""
     removed = []
     missing_id = (meta["image_id"] == "") | (meta["lesion_id"] == "")
     removed.append(exclusions(meta[missing_id], "missing id"))

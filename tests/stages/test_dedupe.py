@@ -270,6 +270,25 @@ def test_lesion_groups_join_chains_and_keep_singletons():
     assert groups == {"a": "a+b+c", "b": "a+b+c", "c": "a+b+c", "d": "d"}
 
 
+@pytest.mark.parametrize("links, expected", [
+    # a is linked twice: after (a,b) a is no longer a root, so the second link must join a's root, not a
+    ([("a", "b"), ("a", "c")], [{"a", "b", "c"}, {"d"}, {"e"}, {"f"}]),
+    # a star from a: every link after the first starts from a non-root
+    ([("a", "b"), ("a", "c"), ("a", "d"), ("a", "e")], [{"a", "b", "c", "d", "e"}, {"f"}]),
+    # two pairs joined through members that are not their roots
+    ([("a", "b"), ("c", "d"), ("a", "c")], [{"a", "b", "c", "d"}, {"e"}, {"f"}]),
+    # a long chain, each link from the newest member, then one back to the start
+    ([("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("a", "f")], [{"a", "b", "c", "d", "e", "f"}]),
+    # the same lesion pair twice, and a lesion linked to itself (an exact copy within one lesion)
+    ([("a", "b"), ("b", "a"), ("c", "c"), ("a", "b")], [{"a", "b"}, {"c"}, {"d"}, {"e"}, {"f"}]),
+], ids=["a-twice", "star", "pairs-joined", "long-chain", "repeats"])
+def test_lesion_groups_put_every_transitively_linked_lesion_in_one_group(links, expected):
+    """By hand: lesions are in one group exactly when a path of links joins them (dedupe's reason to
+    exist: a copy of a lesion's image in another split is a leak)."""
+    groups = dedupe.lesion_groups(["a", "b", "c", "d", "e", "f"], links)
+    assert groups == {lesion: "+".join(sorted(group)) for group in expected for lesion in group}
+
+
 # --------------------------------------------------------------------------------------------
 # Metadata rules.
 # --------------------------------------------------------------------------------------------

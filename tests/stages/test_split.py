@@ -20,12 +20,29 @@ FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 LESIONS = {"akiec": 30, "bcc": 40, "bkl": 60, "df": 12, "mel": 60, "nv": 300, "vasc": 12}
 
 
+# Classes that get a lesion group of three merged lesions of MERGED_IMAGES images each.
+MERGED_CLASSES = ("akiec", "bcc", "bkl", "mel", "nv")
+MERGED_IMAGES = 5  # more than any other lesion has (make_metadata draws 1-4 above)
+
+
 def clean_table(lesions_per_class=LESIONS, seed: int = 0) -> pd.DataFrame:
-    """images.csv as dedupe writes it, with a few lesions merged into one lesion group."""
+    """images.csv as dedupe writes it, with several merged lesion groups: HAM_0000000+HAM_0000001, and
+    in each of MERGED_CLASSES three lesions of 5 images in one group. Assigned by lesion_id instead of
+    lesion_group, those three would be their class's three largest, which go to train, val and test
+    (each to the split furthest below its target, ties to the earlier one): apart, whatever the seed."""
     table = make_metadata(lesions_per_class, images_per_lesion=(1, 4), seed=seed)
     group = table["lesion_id"].replace({"HAM_0000001": "HAM_0000000+HAM_0000001",
                                         "HAM_0000000": "HAM_0000000+HAM_0000001"})
-    return table.assign(lesion_group=group, label=table["dx"].map(LABELS))
+    table = table.assign(lesion_group=group)
+    merged = []
+    for k, dx in enumerate(MERGED_CLASSES):
+        template = table[table["dx"] == dx].iloc[0].to_dict()
+        lesions = [f"HAM_9{k:02d}{j:04d}" for j in range(3)]
+        merged += [{**template, "lesion_id": lesion, "image_id": f"ISIC_9{k:02d}{j:02d}{i:02d}",
+                    "lesion_group": "+".join(lesions)}
+                   for j, lesion in enumerate(lesions) for i in range(MERGED_IMAGES)]
+    table = pd.concat([table, pd.DataFrame(merged)], ignore_index=True)
+    return table.assign(label=table["dx"].map(LABELS))
 
 
 def write_clean(folder: Path, table: pd.DataFrame) -> Path:
@@ -44,12 +61,15 @@ def run(tmp_path: Path, table: pd.DataFrame, **params) -> dict[str, pd.DataFrame
 # --------------------------------------------------------------------------------------------
 # The pure assignment.
 # --------------------------------------------------------------------------------------------
-def test_no_lesion_group_is_in_two_splits():
+@pytest.mark.parametrize("seed", [0, 1, 2, 42])
+def test_no_lesion_group_is_in_two_splits(seed):
     table = clean_table()
-    splits = split.split_lesions(table, FRACTIONS, seed=1)
+    merged = table.loc[table["lesion_group"] != table["lesion_id"], "lesion_group"]
+    assert merged.nunique() == 1 + len(MERGED_CLASSES), "the fixture merges several groups"
+    splits = split.split_lesions(table, FRACTIONS, seed=seed)
     assert splits.groupby(table["lesion_group"]).nunique().max() == 1
-    merged = splits[table["lesion_group"] == "HAM_0000000+HAM_0000001"]
-    assert merged.nunique() == 1
+    for group in merged.unique():
+        assert splits[table["lesion_group"] == group].nunique() == 1, group
 
 
 def test_every_class_is_in_every_split_with_close_proportions():
