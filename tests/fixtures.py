@@ -155,6 +155,67 @@ def init_dvc_repo(repo: Path) -> Path:
     return repo
 
 
+# A seed-sweep stand-in for the project's pipeline (no TensorFlow): `data` writes random bytes (so
+# a clone that re-ran it instead of pulling it shows a new hash), `train` reads train.seed and
+# train.dropout, `evaluate` writes metrics/val.json and metrics/test.json shaped like the project's
+# ({"scored": false} for test when evaluate.score_test is false), and `report` fails unless test
+# was scored, as the real one does. Val balanced accuracy = 0.6 + dropout / 10 + seed / 1000.
+SWEEP_STAND_IN = """\
+import json, os, pathlib, sys, yaml
+params = yaml.safe_load(open("params.yaml"))
+if sys.argv[1] == "data":
+    pathlib.Path("data.txt").write_text(os.urandom(8).hex())
+elif sys.argv[1] == "train":
+    pathlib.Path("model.txt").write_text(f"{params['train']['seed']} {params['train']['dropout']}\\n")
+elif sys.argv[1] == "evaluate":
+    seed, dropout = map(float, pathlib.Path("model.txt").read_text().split())
+    op = {"mel_threshold": 0.2, "mel_sensitivity": 0.85 + seed / 10000}
+    val = {"balanced_accuracy": 0.6 + dropout / 10 + seed / 1000, "operating_point": op}
+    test = ({"balanced_accuracy": val["balanced_accuracy"] - 0.02, "operating_point": op}
+            if params["evaluate"]["score_test"] else {"scored": False})
+    pathlib.Path("metrics").mkdir(exist_ok=True)
+    pathlib.Path("metrics/val.json").write_text(json.dumps(val))
+    pathlib.Path("metrics/test.json").write_text(json.dumps(test))
+else:
+    sys.exit(None if "balanced_accuracy" in json.load(open("metrics/test.json")) else "test was not scored")
+"""
+SWEEP_DVC_YAML = """\
+stages:
+  data:
+    cmd: python stand_in.py data
+    deps: [stand_in.py]
+    outs: [data.txt]
+  train:
+    cmd: python stand_in.py train
+    deps: [stand_in.py, data.txt]
+    params: [train.seed, train.dropout]
+    outs: [model.txt]
+  evaluate:
+    cmd: python stand_in.py evaluate
+    deps: [stand_in.py, model.txt]
+    params: [evaluate.score_test]
+    metrics:
+      - metrics/val.json: {cache: false}
+      - metrics/test.json: {cache: false}
+  report:
+    cmd: python stand_in.py report
+    deps: [metrics/test.json]
+"""
+SWEEP_PARAMS = "train:\n  seed: 42\n  dropout: 0.3\nevaluate:\n  batch_size: 64\n  score_test: true\n"
+
+
+def init_sweep_repo(repo: Path) -> Path:
+    """`repo` as a git + DVC repo of the sweep stand-in, reproduced (seed 42, dropout 0.3) and committed."""
+    init_dvc_repo(repo)
+    (repo / "stand_in.py").write_text(SWEEP_STAND_IN)
+    (repo / "dvc.yaml").write_text(SWEEP_DVC_YAML)
+    (repo / "params.yaml").write_text(SWEEP_PARAMS)
+    dvc(repo, "repro", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "committed run")
+    return repo
+
+
 def scene_marks(node, marktype: str, role: str | None = None) -> list[dict]:
     """Every mark group of `marktype` (and `role`, if given) in a vega scenegraph, depth first."""
     if isinstance(node, list):

@@ -1,11 +1,11 @@
 """Seed sweeps as DVC experiments, end to end, and experiments/sweep_summary on them.
 
-A temporary git + DVC repo stands in for the project: `train` reads train.seed and train.dropout,
-`evaluate` writes metrics/val.json and metrics/test.json shaped like the project's (test.json is
-{"scored": false} when evaluate.score_test is false), and `report` fails unless test was scored,
-as the real one does. Two configurations are queued as the README says (`dvc exp run --queue
-evaluate -S 'train.seed=1,2' ... -S evaluate.score_test=false`) and run; the summary's means,
-sds and paired differences are checked against the metrics files in the experiments' own commits.
+A temporary git + DVC repo stands in for the project (tests.fixtures.init_sweep_repo: `train`
+reads train.seed and train.dropout, `evaluate` writes metrics shaped like the project's, `report`
+fails unless test was scored, as the real one does). Two configurations are queued as the README
+says (`dvc exp run --queue evaluate -S 'train.seed=1,2' ... -S evaluate.score_test=false`) and
+run; the summary's means, sds and paired differences are checked against the metrics files in
+the experiments' own commits.
 """
 from __future__ import annotations
 
@@ -18,45 +18,9 @@ import numpy as np
 import pytest
 
 from experiments import sweep_summary
-from tests.fixtures import dvc, git, init_dvc_repo
+from tests.fixtures import dvc, git, init_sweep_repo
 
 ROOT = Path(__file__).resolve().parents[2]
-STAND_IN = """\
-import json, pathlib, sys, yaml
-params = yaml.safe_load(open("params.yaml"))
-if sys.argv[1] == "train":
-    pathlib.Path("model.txt").write_text(f"{params['train']['seed']} {params['train']['dropout']}\\n")
-elif sys.argv[1] == "evaluate":
-    seed, dropout = map(float, pathlib.Path("model.txt").read_text().split())
-    op = {"mel_threshold": 0.2, "mel_sensitivity": 0.85 + seed / 10000}
-    val = {"balanced_accuracy": 0.6 + dropout / 10 + seed / 1000, "operating_point": op}
-    test = ({"balanced_accuracy": val["balanced_accuracy"] - 0.02, "operating_point": op}
-            if params["evaluate"]["score_test"] else {"scored": False})
-    pathlib.Path("metrics").mkdir(exist_ok=True)
-    pathlib.Path("metrics/val.json").write_text(json.dumps(val))
-    pathlib.Path("metrics/test.json").write_text(json.dumps(test))
-else:
-    sys.exit(None if "balanced_accuracy" in json.load(open("metrics/test.json")) else "test was not scored")
-"""
-DVC_YAML = """\
-stages:
-  train:
-    cmd: python stand_in.py train
-    deps: [stand_in.py]
-    params: [train.seed, train.dropout]
-    outs: [model.txt]
-  evaluate:
-    cmd: python stand_in.py evaluate
-    deps: [stand_in.py, model.txt]
-    params: [evaluate.score_test]
-    metrics:
-      - metrics/val.json: {cache: false}
-      - metrics/test.json: {cache: false}
-  report:
-    cmd: python stand_in.py report
-    deps: [metrics/test.json]
-"""
-PARAMS = "train:\n  seed: 42\n  dropout: 0.3\nevaluate:\n  batch_size: 64\n  score_test: true\n"
 VAL_BA, TEST_BA = "metrics/val.json:balanced_accuracy", "metrics/test.json:balanced_accuracy"
 VAL_MEL = "metrics/val.json:operating_point.mel_sensitivity"
 
@@ -64,14 +28,7 @@ VAL_MEL = "metrics/val.json:operating_point.mel_sensitivity"
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """The repo after the committed run (seed 42) and two queued sweeps, each of seeds 1 and 2."""
-    repo = tmp_path_factory.mktemp("sweep")
-    init_dvc_repo(repo)
-    (repo / "stand_in.py").write_text(STAND_IN)
-    (repo / "dvc.yaml").write_text(DVC_YAML)
-    (repo / "params.yaml").write_text(PARAMS)
-    dvc(repo, "repro", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "committed run")
+    repo = init_sweep_repo(tmp_path_factory.mktemp("sweep"))
     for extra in ((), ("-S", "train.dropout=0.2")):
         dvc(repo, "exp", "run", "--queue", "evaluate", "-S", "train.seed=1,2", *extra,
             "-S", "evaluate.score_test=false")
