@@ -17,14 +17,24 @@ BINS = 10  # equal-width bins of top-class confidence for the reliability diagra
 CURVES = ("calibrated", "uncalibrated")  # the `probabilities` column of a reliability table
 
 
-def calibrated(proba: np.ndarray, temperature: float, class_prior=None) -> np.ndarray:
-    """softmax(log proba / temperature + log class_prior); no prior: a uniform one."""
-    logits = np.log(np.clip(np.asarray(proba, np.float64), 1e-12, 1)) / temperature
-    if class_prior is not None:
-        logits = logits + np.log(np.asarray(class_prior, np.float64))
+def reweighted(proba: np.ndarray, temperature: float, log_prior=None) -> np.ndarray:
+    """softmax(log proba / temperature + log_prior), rows renormalised: the one computation behind
+    the shown probabilities (`calibrated`) and the decision rule's class-prior correction
+    (`inference.corrected`: temperature 1, log_prior its class_bias). The logarithm is taken in
+    proba's own precision (float32 for the decision rule, float64 for `calibrated`), as each
+    stored figure was computed; the rest in float64."""
+    logits = np.log(np.clip(proba, 1e-12, 1)) / temperature
+    if log_prior is not None:
+        logits = logits + log_prior
     logits -= logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)
+
+
+def calibrated(proba: np.ndarray, temperature: float, class_prior=None) -> np.ndarray:
+    """softmax(log proba / temperature + log class_prior), in float64; no prior: a uniform one."""
+    log_prior = None if class_prior is None else np.log(np.asarray(class_prior, np.float64))
+    return reweighted(np.asarray(proba, np.float64), temperature, log_prior)
 
 
 def nll(labels: np.ndarray, proba: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Grad-CAM for the `report` stage: where the model saw evidence, as one contact sheet per class.
+"""Grad-CAM: where the model saw evidence; for `report`, one contact sheet per class, for `serve`,
+the `overlay` of one uploaded image.
 
 For a seeded sample of test images (up to `report.gradcam_per_class` correctly and as many wrongly
 classified per true class), the heatmap of the *predicted* class at MobileNet's last convolution
@@ -70,6 +71,18 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     anchors = np.linspace(0.0, 1.0, len(HEAT_COLOURS))
     colours = np.stack([np.interp(heat, anchors, HEAT_COLOURS[:, c]) for c in range(3)], axis=-1)
     return np.round((1 - HEAT_ALPHA) * image + HEAT_ALPHA * colours).astype(np.uint8)
+
+
+def overlay(model, pixels: np.ndarray, label: int, size: tuple[int, int]) -> np.ndarray | None:
+    """The heatmap of class `label` blended over one model input (uint8, side x side x 3), resized
+    bilinearly to `size` (width, height); None when the model has no layer GRADCAM_LAYER."""
+    from PIL import Image
+
+    try:
+        heat = gradcam(model, pixels[None], np.array([label]))[0]
+    except ValueError:  # no such layer: another architecture
+        return None
+    return np.asarray(Image.fromarray(heat_overlay(pixels, heat)).resize(size, Image.Resampling.BILINEAR))
 
 
 def gradcam_sample(predictions: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:

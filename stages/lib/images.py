@@ -1,17 +1,19 @@
 """Image decoding: the one path from an image file to model input.
 
-`load_image(path, size)` -> uint8 array (size, size, 3): `open_rgb` decodes the whole file into
-upright 8-bit RGB (EXIF orientation applied, 16-bit scaled to 8 bits, transparency composited on
-white, greyscale, CMYK and palette converted), then `resize_square` resizes the whole field of
-view to a square (no crop). augment and predict call it; dedupe decodes with the same `open_rgb`.
-A file that is not a usable image raises ImageError naming the file and why (empty, truncated,
-not an image, over MAX_IMAGE_PIXELS: the one pixel limit, against decompression bombs).
+`load_image(path, size)` -> uint8 array (size, size, 3): `open_rgb` decodes the whole file (or
+bytes in memory: an upload) into upright 8-bit RGB (EXIF orientation applied, 16-bit scaled to 8
+bits, transparency composited on white, greyscale, CMYK and palette converted), then
+`resize_square` resizes the whole field of view to a square (no crop). augment calls it; dedupe,
+predict and serve decode with the same `open_rgb`. A file that is not a usable image raises
+ImageError naming the file and why (empty, truncated, not an image, over MAX_IMAGE_PIXELS: the
+one pixel limit, against decompression bombs).
 Invariant: a file gives the same pixels in training and in prediction.
 Why: a second decoder would drift (orientation, bit depth) and the model would see other pixels.
 Every rule and the test that proves it: docs/faults.md ("Data").
 """
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -32,13 +34,23 @@ def image_file(images_dir: Path, image_id: str) -> Path:
 
 
 class ImageError(StageError):
-    """A file that is not a usable image; the message names the file and why."""
+    """A file that is not a usable image: the message is `<file>: <reason>`, `reason` the why alone."""
+
+    reason: str = ""
 
 
-def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None):
-    """Decode `path` fully into an upright 8-bit RGB PIL image, or raise ImageError saying what is
-    wrong. Empty, truncated, non-image, oversized files and folders are errors, and so is an image
-    in a format outside `formats` (Pillow's names, e.g. ("JPEG", "PNG"); None: any Pillow reads).
+def _refused(name: object, reason: str) -> ImageError:
+    err = ImageError(f"{name}: {reason}")
+    err.reason = reason
+    return err
+
+
+def open_rgb(source: Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None,
+             name: str = "image"):
+    """Decode `source` (a file, or an image file's bytes, then called `name` in errors) fully into
+    an upright 8-bit RGB PIL image, or raise ImageError saying what is wrong. Empty, truncated,
+    non-image, oversized files and folders are errors, and so is an image in a format outside
+    `formats` (Pillow's names, e.g. ("JPEG", "PNG"); None: any Pillow reads).
     Valid files become what a plain upright 8-bit RGB file of the same picture would give, by
     these rules (docs/faults.md):
 
@@ -55,45 +67,51 @@ def open_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str,
     """
     from PIL import Image
 
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise ImageError(f"{path}: cannot read ({err.strerror})") from None
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image file")
+    if isinstance(source, bytes):
+        path, size = name, len(source)
+    else:
+        path = source = Path(source)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise _refused(path, f"cannot read ({err.strerror})") from None
+        if path.is_dir():
+            raise _refused(path, "is a directory, not an image file")
     if size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
+        raise _refused(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=formats) as img:
+            with Image.open(_readable(source), formats=formats) as img:
                 if img.width * img.height > max_pixels:
-                    raise ImageError(
-                        f"{path}: {img.width}x{img.height} pixels is over the limit of "
-                        f"{max_pixels:,} (possible decompression bomb)"
-                    )
+                    raise _refused(path, f"{img.width}x{img.height} pixels is over the limit of "
+                                         f"{max_pixels:,} (possible decompression bomb)")
                 img.load()  # raises on truncated data
                 return _upright_rgb(img, path)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: decompression bomb ({err})") from None
+        raise _refused(path, f"decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: {_unaccepted(path, formats)}") from None
+        raise _refused(path, _unaccepted(source, formats)) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise _refused(path, f"corrupt or truncated image ({err})") from None
 
 
-def _unaccepted(path: Path, formats: tuple[str, ...] | None) -> str:
-    """Why Pillow refused `path`: not an image at all, or (read from its header only, nothing is
-    decoded) an image in a format that `formats` leaves out."""
+def _readable(source: Path | bytes):
+    """What Pillow opens: the file, or a new stream over the bytes."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _unaccepted(source: Path | bytes, formats: tuple[str, ...] | None) -> str:
+    """Why Pillow refused `source`: not an image at all, or (read from its header only, nothing
+    is decoded) an image in a format that `formats` leaves out."""
     from PIL import Image
 
     found = None
     if formats is not None:
         try:
-            with Image.open(path) as img:
+            with Image.open(_readable(source)) as img:
                 found = img.format
         except Exception:  # any failure here means the same: no format Pillow knows
             pass
@@ -106,7 +124,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def _upright_rgb(img, path: Path):
+def _upright_rgb(img, path: Path | str):
     """open_rgb's rules (see there) on a loaded image: orientation, 16 bits, transparency, RGB."""
     from PIL import Image, ImageOps
 
@@ -115,12 +133,12 @@ def _upright_rgb(img, path: Path):
     except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
         pass  # unreadable EXIF: no orientation to apply, the pixels are still good
     if img.mode == "F":
-        raise ImageError(f"{path}: floating-point pixels (mode F) have no defined 8-bit scale")
+        raise _refused(path, "floating-point pixels (mode F) have no defined 8-bit scale")
     if img.mode in SIXTEEN_BIT_MODES:
         pixels = np.asarray(img).astype(np.int64)
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-            raise ImageError(f"{path}: {img.mode} pixel values {pixels.min()}..{pixels.max()} are outside "
-                             "0-65535 (no defined 8-bit scale)")
+            raise _refused(path, f"{img.mode} pixel values {pixels.min()}..{pixels.max()} are outside "
+                                 "0-65535 (no defined 8-bit scale)")
         img = Image.fromarray((pixels >> 8).astype(np.uint8))  # 2-D uint8: mode L
     if img.mode in TRANSPARENT_MODES or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))

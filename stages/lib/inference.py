@@ -11,22 +11,23 @@ One module, used by `evaluate` (which chooses the rule and scores it), `predict`
   distribution (stages/lib/ood.py).
 - Shown probabilities: calibrated (stages/lib/calibration.py) to HAM10000's class mix. They do not
   decide: what decides and what is shown are separate, so calibration never moves a figure of the rule.
-`load_decision` checks every key and names the file, the key and the fix in one line.
+`load_decision`, the one reader of decision.json, checks every key and names the file, the key
+and the fix in one line.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 
-from stages.lib.calibration import calibrated
-from stages.lib.cli import StageError
+from stages.lib.calibration import calibrated, reweighted
+from stages.lib.cli import ParamError, StageError
 from stages.lib.dataset import CLASS_NAMES, CLASSES, MELANOMA
 from stages.lib.ood import FEATURE_LAYER, OodDetector
+from stages.lib.params import from_dict, in_range
 
 TTA = Literal["none", "flips"]
 UNKNOWN = "unknown"  # the decision for an image out of distribution
@@ -132,42 +133,39 @@ class Decision:
         atomic_write_json(Path(path), record)
         return record
 
-    @classmethod
-    def load(cls, path: Path) -> Decision:
-        """load_decision(path)."""
-        return load_decision(path)
-
 
 PLAIN = Decision(tta="none", class_bias=(0.0,) * len(CLASSES), prior_strength=0.0, mel_threshold=1.0,
                  mel_sensitivity_target=1.0)
 """No rule: the model's own probabilities, one view, no correction, no calibration, no "unknown"."""
 
 
-def _number(record: dict, key: str, where: str, lo: float, hi: float, lo_open: bool = False) -> float:
-    value = record[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise StageError(f"{where}: {key} must be a number in {bounds}, got {value!r} ({REMEDY})")
-    return float(value)
+@dataclass(frozen=True)
+class DecisionRecord:
+    """decision.json as Decision.save writes it, read as params.yaml's sections are
+    (params.from_dict: types, finite numbers, no key missing or unknown), ranges checked here."""
 
+    tta: TTA
+    class_bias: dict[str, float]
+    prior_strength: float
+    mel_threshold: float
+    mel_sensitivity_target: float
+    temperature: float
+    class_prior: dict[str, float] | None
+    ood: dict[str, Any] | None       # checked by OodDetector.load
+    chosen_on: Literal["val"] = "val"
 
-def _per_class(record: dict, key: str, where: str, positive: bool = False) -> tuple[float, ...]:
-    """A {dx: value} mapping (or a list in class order) of 7 finite numbers."""
-    value = record[key]
-    if isinstance(value, dict):
-        if sorted(value) != sorted(CLASSES):
-            raise StageError(f"{where}: {key} must have one value per class ({', '.join(CLASSES)}), got keys "
-                             f"{sorted(value)} ({REMEDY})")
-        value = [value[dx] for dx in CLASSES]
-    if not isinstance(value, list) or len(value) != len(CLASSES):
-        raise StageError(f"{where}: {key} must hold {len(CLASSES)} values, one per class, got {value!r} ({REMEDY})")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
-               for v in value):
-        raise StageError(f"{where}: {key} must hold finite{' positive' if positive else ''} numbers, got {value!r} "
-                         f"({REMEDY})")
-    return tuple(float(v) for v in value)
+    def __post_init__(self) -> None:
+        in_range("prior_strength", self.prior_strength, -10, 10)
+        in_range("mel_threshold", self.mel_threshold, 0, 1)
+        in_range("mel_sensitivity_target", self.mel_sensitivity_target, 0, 1, lo_open=True)
+        in_range("temperature", self.temperature, 0, 1000, lo_open=True)
+        for key in ("class_bias", "class_prior"):
+            value = getattr(self, key)
+            if value is not None and sorted(value) != sorted(CLASSES):
+                raise ValueError(f"{key} must have one value per class ({', '.join(CLASSES)}), got keys "
+                                 f"{sorted(value)}")
+        for dx, share in (self.class_prior or {}).items():
+            in_range(f"class_prior.{dx}", share, 0, lo_open=True)
 
 
 def load_decision(path: Path) -> Decision:
@@ -176,28 +174,19 @@ def load_decision(path: Path) -> Decision:
     from stages.lib.files import read_json
 
     path = Path(path)
-    record = read_json(path, made_by="evaluate")
-    where = str(path)
-    if not isinstance(record, dict):
-        raise StageError(f"{where}: not a decision record (a JSON mapping), got {type(record).__name__} ({REMEDY})")
-    keys = ("tta", "class_bias", "prior_strength", "mel_threshold", "mel_sensitivity_target", "temperature",
-            "class_prior", "ood")
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise StageError(f"{where}: missing key '{missing[0]}' (written by an older evaluate? {REMEDY})")
-    if record["tta"] not in get_args(TTA):
-        raise StageError(f"{where}: unknown tta {record['tta']!r} (known: {', '.join(get_args(TTA))}; {REMEDY})")
-    prior = None if record["class_prior"] is None else _per_class(record, "class_prior", where, positive=True)
     try:
-        ood = None if record["ood"] is None else OodDetector.load(record["ood"], path.parent, f"{where}: ood")
+        record = from_dict(DecisionRecord, read_json(path, made_by="evaluate"), "decision")
+    except ParamError as err:
+        raise StageError(f"{path}: {err} ({REMEDY})") from None
+    try:
+        ood = None if record.ood is None else OodDetector.load(record.ood, path.parent, str(path))
     except StageError as err:
         raise StageError(f"{err} ({REMEDY})") from None
-    return Decision(tta=record["tta"], class_bias=_per_class(record, "class_bias", where),
-                    prior_strength=_number(record, "prior_strength", where, -10, 10),
-                    mel_threshold=_number(record, "mel_threshold", where, 0, 1),
-                    mel_sensitivity_target=_number(record, "mel_sensitivity_target", where, 0, 1, lo_open=True),
-                    temperature=_number(record, "temperature", where, 0, 1000, lo_open=True),
-                    class_prior=prior, ood=ood)
+    return Decision(tta=record.tta, class_bias=tuple(record.class_bias[dx] for dx in CLASSES),
+                    prior_strength=record.prior_strength, mel_threshold=record.mel_threshold,
+                    mel_sensitivity_target=record.mel_sensitivity_target, temperature=record.temperature,
+                    class_prior=None if record.class_prior is None else tuple(record.class_prior[dx] for dx in CLASSES),
+                    ood=ood)
 
 
 def prior_bias(train_labels: np.ndarray, strength: float) -> np.ndarray:
@@ -217,11 +206,9 @@ def class_shares(train_labels: np.ndarray) -> np.ndarray:
 
 
 def corrected(proba: np.ndarray, class_bias) -> np.ndarray:
-    """Probabilities after adding `class_bias` to their logarithms (renormalised)."""
-    logits = np.log(np.clip(proba, 1e-12, 1)) + np.asarray(class_bias, dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Probabilities after adding `class_bias` to their logarithms (renormalised), as float32:
+    `calibration.reweighted` at temperature 1 with class_bias as the log prior."""
+    return reweighted(proba, 1.0, np.asarray(class_bias, dtype=np.float64)).astype(np.float32)
 
 
 def decide(proba: np.ndarray, mel_threshold: float) -> np.ndarray:

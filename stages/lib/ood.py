@@ -16,11 +16,12 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from stages.lib.cli import StageError
+from stages.lib.cli import ParamError, StageError
+from stages.lib.params import from_dict, in_range
 
 METHOD = "mahalanobis"
 FEATURE_LAYER = "conv_pw_11_relu"  # a MobileNet layer of train.build_model; its mean over the image is the feature
@@ -61,34 +62,41 @@ class OodDetector:
 
     @classmethod
     def load(cls, record: Any, folder: Path, where: str) -> OodDetector:
-        """The detector a decision record describes; `where` (file and key) starts each error."""
-        if not isinstance(record, dict):
-            raise StageError(f"{where} must be a mapping, got {record!r}")
-        missing = [k for k in ("method", "layer", "threshold", "keep", "parameters", "sha256") if k not in record]
-        if missing:
-            raise StageError(f"{where}: missing key '{missing[0]}'")
-        if record["method"] != METHOD or record["layer"] != FEATURE_LAYER:
-            raise StageError(f"{where}: method {record['method']!r} on layer {record['layer']!r} is not known "
-                             f"(this code has {METHOD!r} on {FEATURE_LAYER!r})")
-        threshold = record["threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold) \
-                or threshold < 0:
-            raise StageError(f"{where}.threshold must be a finite distance >= 0, got {threshold!r}")
-        keep = record["keep"]
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise StageError(f"{where}.keep must be in (0, 1], got {keep!r}")
-        path = Path(folder) / str(record["parameters"])
+        """The detector that decision.json's `ood` record describes; `where` (the decision file)
+        starts each error about the record."""
+        try:
+            checked = from_dict(OodRecord, record, "ood")
+        except ParamError as err:
+            raise StageError(f"{where}: {err}") from None
+        path = Path(folder) / checked.parameters
         try:
             data = path.read_bytes()
         except OSError as err:
             raise StageError(f"{path}: cannot read the out-of-distribution parameters ({err.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        if hashlib.sha256(data).hexdigest() != checked.sha256:
             raise StageError(f"{path}: not the file {where} was written with (sha256 differs)")
         with np.load(io.BytesIO(data)) as arrays:
             means, precision = arrays["means"].astype(np.float64), arrays["precision"].astype(np.float64)
         if means.ndim != 2 or precision.shape != (means.shape[1],) * 2:
             raise StageError(f"{path}: means {means.shape} and precision {precision.shape} do not fit together")
-        return cls(threshold=float(threshold), keep=float(keep), means=means, precision=precision)
+        return cls(threshold=checked.threshold, keep=checked.keep, means=means, precision=precision)
+
+
+@dataclass(frozen=True)
+class OodRecord:
+    """decision.json's `ood` record as OodDetector.save writes it, read as params.yaml's sections
+    are (params.from_dict: types, finite numbers, no key missing or unknown)."""
+
+    method: Literal[METHOD]     # another method or layer is refused: this code could not score it
+    layer: Literal[FEATURE_LAYER]
+    threshold: float
+    keep: float
+    parameters: str           # the .npz file's name, beside decision.json
+    sha256: str
+
+    def __post_init__(self) -> None:
+        in_range("threshold", self.threshold, 0)
+        in_range("keep", self.keep, 0, 1, lo_open=True)
 
 
 def fit_gaussians(features: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,9 @@ def test_calibrating_lowers_the_error_on_the_images_it_was_fitted_on():
 def test_the_prior_shifts_towards_common_classes_and_no_prior_is_a_uniform_one():
     proba = np.array([[0.5, 0.5]])
     np.testing.assert_allclose(calibrated(proba, 1.0, [0.25, 0.75]), [[0.25, 0.75]])
+    # log 0.5 / 2 is the same for both classes, so the prior alone decides: tempering the prior
+    # too would give sqrt(0.25) : sqrt(0.75), 0.366 : 0.634
+    np.testing.assert_allclose(calibrated(proba, 2.0, [0.25, 0.75]), [[0.25, 0.75]])
     np.testing.assert_allclose(calibrated(proba, 1.0), calibrated(proba, 1.0, [0.5, 0.5]))
     np.testing.assert_allclose(calibrated(np.array([[0.2, 0.8]]), 1.0), [[0.2, 0.8]], rtol=1e-9)
     flat = calibrated(np.array([[0.2, 0.8]]), 1e6)  # a huge temperature: no information left

@@ -230,3 +230,22 @@ def test_rgb_with_a_transparent_colour_becomes_white_there(tmp_path, plain):
     decoded = pixels(open_rgb(path))
     assert (decoded[:5, :5] == WHITE).all()
     assert (decoded[5:] == array[5:]).all()
+
+
+def test_bytes_in_memory_decode_as_the_same_file_does(tmp_path, plain):
+    """serve decodes an upload from memory: the same rules, the same pixels, errors named by `name`."""
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: the file's pixels must come out upright either way
+    plain.transpose(T.ROTATE_90).save(rotated, "JPEG", exif=exif, quality=95)
+    for path in (rotated, write(tmp_path / "la.png", plain.convert("LA"))):
+        assert (pixels(open_rgb(path.read_bytes())) == pixels(open_rgb(path))).all(), path.name
+    with pytest.raises(ImageError, match=r"^upload.jpg: empty file \(0 bytes\)$") as empty:
+        open_rgb(b"", name="upload.jpg")
+    assert empty.value.reason == "empty file (0 bytes)"
+    buffer = io.BytesIO()
+    plain.save(buffer, "TIFF")
+    with pytest.raises(ImageError, match=r"^image: TIFF images are not accepted \(accepted: JPEG, PNG\)$"):
+        open_rgb(buffer.getvalue(), formats=("JPEG", "PNG"))
+    with pytest.raises(ImageError, match=r"^image: not an image \(unrecognised format\)$"):
+        open_rgb(b"plain text", formats=("JPEG", "PNG"))

@@ -11,8 +11,8 @@ import pytest
 
 from stages.lib import ood
 from stages.lib.cli import StageError
-from stages.lib.dataset import CLASS_NAMES, CLASSES
-from stages.lib.inference import PLAIN, Decision, Predictor, load_decision
+from stages.lib.dataset import CLASS_NAMES, CLASSES, LABELS
+from stages.lib.inference import PLAIN, Decision, Predictor, load_decision, threshold_for_sensitivity
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.tiny_model import tiny_model
@@ -38,7 +38,6 @@ def test_a_saved_decision_loads_back_the_same(tmp_path):
                   "class_prior"):
         assert getattr(loaded, field) == pytest.approx(getattr(decision, field)), field
     np.testing.assert_allclose(loaded.ood.means, decision.ood.means, rtol=1e-6)
-    assert Decision.load(tmp_path / "decision.json").mel_threshold == 0.2
     PLAIN.save(tmp_path / "plain" / "decision.json")
     assert load_decision(tmp_path / "plain" / "decision.json").ood is None, "no detector: every image is judged"
 
@@ -53,17 +52,21 @@ def edit(key, value):
 
 
 @pytest.mark.parametrize("change, message", [
-    (edit("tta", "rotations"), r"unknown tta 'rotations' \(known: none, flips; run: dvc repro evaluate\)"),
-    (edit("mel_threshold", float("nan")), r"mel_threshold must be a number in \[0, 1\], got nan"),
-    (edit("mel_threshold", 1.5), r"mel_threshold must be a number in \[0, 1\], got 1.5"),
-    (edit("mel_threshold", "0.2"), r"mel_threshold must be a number in \[0, 1\], got '0.2'"),
-    (edit("temperature", 0), r"temperature must be a number in \(0, 1000\], got 0"),
-    (edit("class_bias", [0.0] * 6), r"class_bias must hold 7 values, one per class"),
-    (edit("class_bias", {"mel": 0.1}), r"class_bias must have one value per class \(akiec, bcc"),
-    (edit("class_prior", [0.5, 0.5, 0, 0, 0, 0, 0]), r"class_prior must hold finite positive numbers"),
-    (edit("temperature", KeyError), r"missing key 'temperature' \(written by an older evaluate\?"),
-    (edit("ood", {"method": "mahalanobis"}), r"ood: missing key 'layer'"),
-], ids=["tta", "nan", "range", "text", "temperature", "bias-length", "bias-keys", "prior", "missing", "ood"])
+    (edit("tta", "rotations"), r"decision.tta must be one of \['none', 'flips'\], got 'rotations' \(run: dvc"),
+    (edit("mel_threshold", float("nan")), r"decision.mel_threshold must be a finite number, got nan"),
+    (edit("mel_threshold", 1.5), r"decision: mel_threshold must be in \[0, 1\], got 1.5"),
+    (edit("mel_threshold", "0.2"), r"decision.mel_threshold must be float, got '0.2'"),
+    (edit("prior_strength", True), r"decision.prior_strength must be float, got True"),
+    (edit("temperature", 0), r"decision: temperature must be in \(0, 1000\], got 0.0"),
+    (edit("class_bias", [0.0] * 7), r"decision.class_bias must be a mapping, got \[0.0,"),
+    (edit("class_bias", {"mel": 0.1}), r"decision: class_bias must have one value per class \(akiec, bcc"),
+    (edit("class_prior", {dx: 0.0 if dx == "df" else 0.2 for dx in CLASSES}),
+     r"decision: class_prior.df must be > 0, got 0.0"),
+    (edit("temperature", KeyError), r"missing key decision.temperature \(run: dvc repro evaluate\)"),
+    (edit("threshold", 0.3), r"unknown key decision.threshold \(known keys: tta, class_bias"),
+    (edit("ood", {"method": "mahalanobis"}), r"decision.json: missing key ood.layer \(run: dvc"),
+], ids=["tta", "nan", "range", "text", "bool", "temperature", "bias-list", "bias-keys", "prior", "missing",
+        "unknown", "ood"])
 def test_a_bad_decision_file_is_one_line_naming_the_file_key_and_fix(tmp_path, change, message):
     path = tmp_path / "decision.json"
     a_decision().save(path)
@@ -80,8 +83,19 @@ def test_a_missing_or_broken_decision_file_says_what_to_run(tmp_path):
     with pytest.raises(StageError, match=r"decision.json: not found \(run: dvc repro evaluate\)"):
         load_decision(tmp_path / "decision.json")
     (tmp_path / "decision.json").write_text("[1, 2]")
-    with pytest.raises(StageError, match=r"not a decision record .*dvc repro evaluate"):
+    with pytest.raises(StageError, match=r"decision must be a mapping of keys, got \[1, 2\] .*dvc repro evaluate"):
         load_decision(tmp_path / "decision.json")
+
+
+def test_the_melanoma_threshold_reaches_at_least_the_target_sensitivity():
+    """By hand: with 3 melanomas, a target of 0.9 (2.7 melanomas) needs all 3 caught (2 of 3 is
+    0.67), so the threshold is the lowest melanoma score; 0.4 (1.2) needs 2 (1 of 3 is 0.33), so
+    the second highest. Rounding 2.7 down, or 1.2 to the nearest, would miss the target."""
+    mel, nv = LABELS["mel"], LABELS["nv"]
+    labels = np.array([mel, nv, mel, nv, mel])
+    p_mel = np.array([0.9, 0.5, 0.6, 0.1, 0.3])
+    assert threshold_for_sensitivity(labels, p_mel, 0.9) == 0.3
+    assert threshold_for_sensitivity(labels, p_mel, 0.4) == 0.6
 
 
 def width_of(model) -> int:

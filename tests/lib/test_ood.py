@@ -41,6 +41,8 @@ def test_the_threshold_keeps_the_share_of_validation_lesions_asked_and_rejects_f
     assert not detector.in_distribution(detector.score(far)).any()
     assert ood.threshold_for_keep(np.array([3.0, 1.0, 2.0, 4.0]), 0.5) == 2.0
     assert ood.threshold_for_keep(np.array([3.0, 1.0, 2.0, 4.0]), 1.0) == 4.0
+    # 0.95 of 10 scores is 9.5: keeping at least that many means all 10, so the largest, 9
+    assert ood.threshold_for_keep(np.arange(10), 0.95) == 9
 
 
 def test_a_class_without_images_is_left_out_of_the_means():
@@ -59,24 +61,27 @@ def saved(tmp_path):
 def test_save_and_load_give_the_same_scores(tmp_path):
     detector, record = saved(tmp_path)
     assert (record["method"], record["layer"], record["parameters"]) == ("mahalanobis", ood.FEATURE_LAYER, "ood.npz")
-    loaded = ood.OodDetector.load(json.loads(json.dumps(record)), tmp_path, "decision.json: ood")
+    loaded = ood.OodDetector.load(json.loads(json.dumps(record)), tmp_path, "decision.json")
     features, _, _, _ = clusters(seed=3)
     np.testing.assert_allclose(loaded.score(features), detector.score(features), rtol=1e-4)
     assert loaded.threshold == detector.threshold and loaded.keep == 0.9
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r, d: r.pop("threshold"), r"^decision.json: ood: missing key 'threshold'$"),
-    (lambda r, d: r.update(threshold=float("nan")), r"^decision.json: ood.threshold must be a finite distance"),
-    (lambda r, d: r.update(method="energy"), r"^decision.json: ood: method 'energy' on layer 'conv_pw_11_relu' is not"),
-    (lambda r, d: r.update(keep=1.5), r"^decision.json: ood.keep must be in \(0, 1\], got 1.5$"),
+    (lambda r, d: r.pop("threshold"), r"^decision.json: missing key ood.threshold$"),
+    (lambda r, d: r.update(threshold=float("nan")), r"^decision.json: ood.threshold must be a finite number, got nan$"),
+    (lambda r, d: r.update(threshold=-1), r"^decision.json: ood: threshold must be >= 0, got -1.0$"),
+    (lambda r, d: r.update(method="energy"),
+     r"^decision.json: ood.method must be one of \['mahalanobis'\], got 'energy'$"),
+    (lambda r, d: r.update(keep=1.5), r"^decision.json: ood: keep must be in \(0, 1\], got 1.5$"),
+    (lambda r, d: r.update(keep=True), r"^decision.json: ood.keep must be float, got True$"),
     (lambda r, d: (d / "ood.npz").unlink(), r"ood.npz: cannot read the out-of-distribution parameters"),
-    (lambda r, d: (d / "ood.npz").write_bytes(b"other run"), r"ood.npz: not the file decision.json: ood was written "
+    (lambda r, d: (d / "ood.npz").write_bytes(b"other run"), r"ood.npz: not the file decision.json was written "
                                                               r"with \(sha256 differs\)$"),
-], ids=["missing", "nan", "method", "keep", "no-file", "other-file"])
+], ids=["missing", "nan", "negative", "method", "keep", "bool", "no-file", "other-file"])
 def test_a_bad_record_or_parameters_file_is_one_clear_line(tmp_path, change, message):
     _, record = saved(tmp_path)
     change(record, tmp_path)
     with pytest.raises(StageError, match=message) as caught:
-        ood.OodDetector.load(record, tmp_path, "decision.json: ood")
+        ood.OodDetector.load(record, tmp_path, "decision.json")
     assert "\n" not in str(caught.value)

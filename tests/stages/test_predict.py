@@ -1,6 +1,7 @@
-"""Command predict: top-3 ranking, the same preprocessing as training, any image mode, per-file
-errors (a folder, other formats), warnings (small images, out of distribution), odd file names,
-table and JSON output, exit codes, one-line usage errors naming what to run, the medical notice."""
+"""Command predict and its library (stages/lib/prediction.py): top-3 ranking, the same
+preprocessing as training, any image mode, per-file errors (a folder, other formats), warnings
+(small images, out of distribution), odd file names, table and JSON output, exit codes, one-line
+usage errors naming what to run, the medical notice."""
 from __future__ import annotations
 
 import io
@@ -17,9 +18,10 @@ import pytest
 from PIL import Image
 
 from stages import predict
+from stages.lib import prediction
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.images import load_image
-from stages.lib.inference import Decision, top_k
+from stages.lib.inference import PLAIN, Decision, Predictor, top_k
 from stages.lib.ood import FEATURE_LAYER, OodDetector
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
@@ -37,6 +39,12 @@ def model_and_path(tmp_path_factory):
     model.save(folder / "model.keras")
     Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
     return model, folder / "model.keras"
+
+
+def predict_files(model, paths, decision: Decision = PLAIN, batch_size: int = prediction.BATCH_SIZE) -> list[dict]:
+    """prediction.describe_batches' answers for `paths`, batch by batch, gathered in one list."""
+    predictor = Predictor(model, decision, batch_size)
+    return [r for batch in prediction.describe_batches(predictor, paths, batch_size) for r in batch]
 
 
 def oversized_png(side: int = 8000) -> bytes:
@@ -93,7 +101,7 @@ def test_top_k_ranks_most_probable_first_with_class_names():
 def test_predictions_are_the_models_on_load_image_in_batches(model_and_path, good_images):
     model, _ = model_and_path
     paths = [str(p) for p in good_images]
-    results = predict.predict_files(model, paths, batch_size=4)  # two batches, the last one short
+    results = predict_files(model, paths, batch_size=4)  # two batches, the last one short
     assert [r["image"] for r in results] == paths
     pixels = np.stack([load_image(Path(p), 32) for p in paths]).astype(np.float32)
     for result, expected in zip(results, model.predict(pixels, verbose=0)):
@@ -109,7 +117,7 @@ def test_predictions_are_the_models_on_load_image_in_batches(model_and_path, goo
 def test_each_bad_file_gets_its_own_error_and_the_rest_still_run(model_and_path, good_images, bad_images):
     model, _ = model_and_path
     paths = [str(good_images[0]), *map(str, bad_images.values()), str(good_images[1])]
-    results = predict.predict_files(model, paths, batch_size=3)
+    results = predict_files(model, paths, batch_size=3)
     assert [r["image"] for r in results] == paths
     assert "top" in results[0] and "top" in results[-1]
     for words, result in zip(bad_images, results[1:-1]):
@@ -129,7 +137,7 @@ def test_json_is_one_list_on_stdout_and_the_notice_goes_to_stderr(model_and_path
     assert results[0]["decision"] == ("mel" if any(c["dx"] == "mel" and c["probability"] >= 0.3
                                                    for c in results[0]["top"]) else top["dx"])
     assert results[1]["error"] == "empty file (0 bytes)"
-    assert predict.NOTICE in err and "not a medical device" in predict.NOTICE
+    assert prediction.NOTICE in err and "not a medical device" in prediction.NOTICE
 
 
 def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_path, good_images, bad_images, capsys):
@@ -142,7 +150,7 @@ def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_pat
     assert lines[1].startswith(str(good_images[2])) and lines[1].split("%", 1)[1].split()[0] in CLASSES
     assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
     assert lines[4].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[4]
-    assert "2 image(s), 1 failed." in out and out.rstrip().endswith(predict.NOTICE)
+    assert "2 image(s), 1 failed." in out and out.rstrip().endswith(prediction.NOTICE)
 
 
 def dvc_project(folder: Path, remote: bool) -> Path:
@@ -165,14 +173,14 @@ def test_missing_model_is_a_usage_error_that_says_how_to_get_it(tmp_path, good_i
 
 
 def test_a_remote_is_found_in_the_projects_config_from_a_subfolder(tmp_path):
-    assert not predict.dvc_remote_configured(dvc_project(tmp_path / "a", remote=False))
+    assert not prediction.dvc_remote_configured(dvc_project(tmp_path / "a", remote=False))
     (dvc_project(tmp_path / "b", remote=True) / "sub").mkdir()
-    assert predict.dvc_remote_configured(tmp_path / "b" / "sub")
+    assert prediction.dvc_remote_configured(tmp_path / "b" / "sub")
     (tmp_path / "c" / ".dvc").mkdir(parents=True)
     (tmp_path / "c" / ".dvc" / "config.local").write_text("[core]\n    remote = mine\n")
-    assert predict.dvc_remote_configured(tmp_path / "c")
+    assert prediction.dvc_remote_configured(tmp_path / "c")
     (tmp_path / "d").mkdir()
-    assert not predict.dvc_remote_configured(tmp_path / "d")
+    assert not prediction.dvc_remote_configured(tmp_path / "d")
 
 
 def broken_models(folder: Path) -> dict[str, Path]:
@@ -235,7 +243,7 @@ def test_help_answers_without_importing_tensorflow_and_options_are_not_abbreviat
 def test_a_directory_is_named_as_such(model_and_path, tmp_path):
     model, _ = model_and_path
     (tmp_path / "photos.jpg").mkdir()
-    [result] = predict.predict_files(model, [str(tmp_path / "photos.jpg")])
+    [result] = predict_files(model, [str(tmp_path / "photos.jpg")])
     assert result["error"] == "is a directory, not an image file"
 
 
@@ -244,7 +252,7 @@ def test_only_jpeg_and_png_are_decoded_and_other_formats_are_named(model_and_pat
     model, _ = model_and_path
     path = tmp_path / f"lesion.{fmt.lower()}"
     image_pixels("lesion", (120, 90)).save(path, fmt)
-    bad, good = predict.predict_files(model, [str(path), str(good_images[0])])
+    bad, good = predict_files(model, [str(path), str(good_images[0])])
     assert bad["error"] == f"{fmt} images are not accepted (accepted: JPEG, PNG)"
     assert "top" in good
 
@@ -253,7 +261,7 @@ def test_an_image_far_below_the_input_size_gets_a_warning(model_and_path, tmp_pa
     model, model_path = model_and_path  # input 32x32: a side under 16 pixels is warned about
     for name, size in {"tiny.png": (20, 15), "fine.png": (16, 16), "big.png": (120, 90)}.items():
         image_pixels("lesion", size).save(tmp_path / name)
-    tiny, fine, big = predict.predict_files(model, [str(tmp_path / n) for n in ("tiny.png", "fine.png", "big.png")])
+    tiny, fine, big = predict_files(model, [str(tmp_path / n) for n in ("tiny.png", "fine.png", "big.png")])
     assert fine["warnings"] == big["warnings"] == []
     [warning] = tiny["warnings"]
     assert warning.startswith("20x15 pixels is far below the model's input size (32x32)")
@@ -305,12 +313,11 @@ def test_the_table_warns_when_the_image_is_out_of_distribution():
 def test_decision_at_the_operating_point_calls_melanoma_above_the_threshold(model_and_path, good_images):
     model, _ = model_and_path
     paths = [str(p) for p in good_images]
-    plain = predict.predict_files(model, paths)
-    assert all("decision" not in r for r in plain)
+    plain = predict_files(model, paths)  # PLAIN: its threshold 1.0 leaves the top class
     always_mel = Decision("none", (0.0,) * len(CLASSES), 0.0, 0.0, 0.85)
-    assert {r["decision"] for r in predict.predict_files(model, paths, always_mel)} == {"mel"}
+    assert {r["decision"] for r in predict_files(model, paths, always_mel)} == {"mel"}
     never_mel = Decision("none", (0.0,) * len(CLASSES), 0.0, 1.01, 0.85)
-    assert [r["decision"] for r in predict.predict_files(model, paths, never_mel)] == [r["top"][0]["dx"] for r in plain]
+    assert [r["decision"] for r in predict_files(model, paths, never_mel)] == [r["top"][0]["dx"] for r in plain]
 
 
 def test_missing_decision_file_is_a_usage_error(model_and_path, good_images, tmp_path, capsys):
@@ -358,7 +365,7 @@ def test_command_line_keeps_stdout_valid_json_whatever_the_file_names(model_and_
     assert [r["image"].rsplit("/", 1)[-1] for r in results[1:4]] == ["caf\\xe9.jpg", "red\x1b[31m.jpg",
                                                                      "evil\u202egpj.png"]
     assert all("top" in r for r in results[:4]) and "truncated" in results[4]["error"]
-    assert done.stderr.decode().splitlines() == [predict.NOTICE], "TensorFlow's own logs stay off stderr"
+    assert done.stderr.decode().splitlines() == [prediction.NOTICE], "TensorFlow's own logs stay off stderr"
 
 
 def test_the_real_process_prints_one_line_for_a_broken_model(tmp_path, good_images):

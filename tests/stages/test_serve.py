@@ -11,12 +11,15 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from stages import predict, serve
+from stages.lib import prediction, web
 from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision
 from stages.lib.shards import read_shards
@@ -35,23 +38,22 @@ def served(tmp_path_factory):
     images, _, _ = read_shards(make_shards(folder / "augmented"), "train")
     tiny_model(images).save(folder / "model.keras")
     Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
-    model = predict.load_model(folder / "model.keras")
-    return folder, model, predict.load_decision(folder / "decision.json")
+    return folder, prediction.load(folder / "model.keras")
 
 
 @pytest.fixture(scope="module")
 def client(served):
     from starlette.testclient import TestClient
 
-    _, model, decision = served
-    with TestClient(serve.create_app(model, decision, max_upload_bytes=LIMIT)) as test_client:
+    _, predictor = served
+    with TestClient(web.create_app(predictor, max_upload_bytes=LIMIT)) as test_client:
         yield test_client
 
 
 LESION = jpeg_bytes(image_pixels("lesion", (120, 90)))
 
 
-def upload(client, data: bytes, name: str = "lesion.jpg", field: str = serve.FIELD):
+def upload(client, data: bytes, name: str = "lesion.jpg", field: str = web.FIELD):
     return client.post("/api/predict", files={field: (name, data, "application/octet-stream")})
 
 
@@ -61,14 +63,14 @@ def test_the_page_is_self_contained_and_carries_the_notice(client):
     page = response.text
     assert "not a medical device" in page and "{{" not in page
     assert "http://" not in page and "https://" not in page, "nothing may come from elsewhere (no CDN)"
-    assert '<input type="file"' in page and f'name="{serve.FIELD}"' in page
+    assert '<input type="file"' in page and f'name="{web.FIELD}"' in page
     policy = response.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "'unsafe-inline'" not in policy
     assert policy.count("'sha256-") == 2, "exactly the page's own script and style may run"
 
 
 def test_a_good_upload_answers_what_predict_prints_for_the_same_file(client, served, tmp_path, monkeypatch, capsys):
-    folder, _, _ = served
+    folder, _ = served
     response = upload(client, LESION)
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -86,7 +88,32 @@ def test_the_answer_carries_a_gradcam_overlay_as_a_png_data_url(client):
     assert answer["gradcam_png"].startswith(prefix)
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["gradcam_png"][len(prefix):])))
     assert overlay.format == "PNG" and overlay.mode == "RGB"
-    assert overlay.size == (serve.OVERLAY_SIDE, serve.OVERLAY_SIDE * 90 // 120), "the image's own proportions"
+    assert overlay.size == (web.OVERLAY_SIDE, web.OVERLAY_SIDE * 90 // 120), "the image's own proportions"
+
+
+def test_an_upload_is_decoded_once_in_memory_and_never_written_to_disk(served, monkeypatch):
+    """An upload over Starlette's 1 MB spool size (a noise PNG does not compress) under the real
+    10 MB cap: no temporary file is made, and the Grad-CAM overlay reuses the decoded image."""
+    from starlette.testclient import TestClient
+
+    _, predictor = served
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 600, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert 1024 * 1024 < len(data) < web.MAX_UPLOAD_BYTES
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the upload went to a file on disk")
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+    decoded, decode = [], prediction.open_rgb
+    monkeypatch.setattr(prediction, "open_rgb", lambda source, **kw: decoded.append(source) or decode(source, **kw))
+    with TestClient(web.create_app(predictor)) as client:
+        response = upload(client, data, "noise.png")
+    assert response.status_code == 200, response.text
+    assert decoded == [data], "decoded once, from the bytes in memory"
+    assert response.json()["gradcam_png"].startswith("data:image/png;base64,")
 
 
 def tiff_bytes() -> bytes:
@@ -101,7 +128,7 @@ def tiff_bytes() -> bytes:
     (LESION[: len(LESION) // 2], 422, "lesion.jpg: corrupt or truncated image"),
     (tiff_bytes(), 422, "lesion.jpg: TIFF images are not accepted (accepted: JPEG, PNG)"),
     (b"\xff" * (LIMIT + 1), 413, f"upload over the limit of {LIMIT:,} bytes"),
-    (b"\xff" * (LIMIT + serve.FORM_OVERHEAD + 1), 413, f"upload over the limit of {LIMIT:,} bytes"),
+    (b"\xff" * (LIMIT + web.FORM_OVERHEAD + 1), 413, f"upload over the limit of {LIMIT:,} bytes"),
 ], ids=["empty", "not-an-image", "truncated", "tiff", "just-over-the-cap", "over-the-body-cap"])
 def test_a_bad_upload_gets_a_4xx_json_error_and_the_server_keeps_serving(client, data, status, words):
     response = upload(client, data)
@@ -114,12 +141,12 @@ def test_a_bad_upload_gets_a_4xx_json_error_and_the_server_keeps_serving(client,
 def test_the_cap_is_counted_while_reading_when_no_length_is_sent(client):
     """A chunked body has no Content-Length to check first: the bytes are counted as they come."""
     boundary = "b0undary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{serve.FIELD}"; filename="big.jpg"\r\n'
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{web.FIELD}"; filename="big.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n").encode()
 
     def body():
         yield head
-        for _ in range(2 * (LIMIT + serve.FORM_OVERHEAD) // 4096):
+        for _ in range(2 * (LIMIT + web.FORM_OVERHEAD) // 4096):
             yield b"\xff" * 4096
         yield f"\r\n--{boundary}--\r\n".encode()
 
@@ -132,12 +159,12 @@ def test_the_cap_is_counted_while_reading_when_no_length_is_sent(client):
 
 def test_a_request_without_the_image_field_is_a_400(client):
     for response in (upload(client, LESION, field="file"),
-                     client.post("/api/predict", data={serve.FIELD: "lesion.jpg"}),
+                     client.post("/api/predict", data={web.FIELD: "lesion.jpg"}),
                      client.post("/api/predict", content=b"raw bytes", headers={"content-type": "image/jpeg"}),
                      client.post("/api/predict")):
         assert response.status_code == 400
-        assert f"no file in the multipart field `{serve.FIELD}`" in response.json()["error"]
-    two = client.post("/api/predict", files=[(serve.FIELD, ("a.jpg", LESION)), (serve.FIELD, ("b.jpg", LESION))])
+        assert f"no file in the multipart field `{web.FIELD}`" in response.json()["error"]
+    two = client.post("/api/predict", files=[(web.FIELD, ("a.jpg", LESION)), (web.FIELD, ("b.jpg", LESION))])
     assert two.status_code == 400 and "files" in two.json()["error"].lower()
     wrong_method = client.get("/api/predict")
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
@@ -147,14 +174,14 @@ def test_a_server_on_loopback_answers_only_to_loopback_host_names(served):
     """A web page elsewhere cannot reach it through a name it resolves to 127.0.0.1 (DNS rebinding)."""
     from starlette.testclient import TestClient
 
-    _, model, decision = served
-    app = serve.create_app(model, decision, allowed_hosts=["localhost", "127.0.0.1"])
+    _, predictor = served
+    app = web.create_app(predictor, allowed_hosts=["localhost", "127.0.0.1"])
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/").status_code == 200
     assert TestClient(app, base_url="http://attacker.example:8000").get("/").status_code == 400
 
 
 def test_the_default_cap_is_10_mb():
-    assert serve.MAX_UPLOAD_BYTES == 10 * 1024 * 1024
+    assert web.MAX_UPLOAD_BYTES == 10 * 1024 * 1024
 
 
 def test_help_answers_without_importing_tensorflow_or_the_server():
@@ -165,7 +192,7 @@ def test_help_answers_without_importing_tensorflow_or_the_server():
 
 
 def test_a_broken_model_or_a_taken_port_is_a_one_line_usage_error(served, tmp_path, capsys):
-    folder, _, _ = served
+    folder, _ = served
     (tmp_path / "model.keras").write_bytes(b"not a model")
     assert serve.main(["--model", str(tmp_path / "model.keras")]) == 2
     err = capsys.readouterr().err
@@ -184,7 +211,7 @@ def test_host_port_and_decision_options_reach_the_server(served, tmp_path, monke
     off loopback, and --decision read (a broken one refused before listening)."""
     import uvicorn
 
-    folder, _, _ = served
+    folder, _ = served
     listened = []
 
     def fake_run(server, sockets):
@@ -203,7 +230,7 @@ def test_host_port_and_decision_options_reach_the_server(served, tmp_path, monke
     (tmp_path / "decision.json").write_text("[]")
     assert serve.main([*model, "--decision", str(tmp_path / "decision.json")]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "not a decision record" in err and len(listened) == 2
+    assert len(err.splitlines()) == 1 and "decision must be a mapping" in err and len(listened) == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +257,7 @@ NO_CHROMIUM = ("Chromium and chromedriver are not installed (apt-get install chr
 @pytest.fixture
 def server(served):
     """`python -m stages.serve --port 0` as a user starts it; its URL from its first line."""
-    folder, _, _ = served
+    folder, _ = served
     process = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", "0", "--model",
                                 str(folder / "model.keras")], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
