@@ -1,12 +1,15 @@
-"""`dvc exp show` as the README runs it fits a 120-column terminal (names, changed params, headline).
+"""The README's `dvc exp show`, `dvc metrics show` and `dvc metrics diff` lines fit 120 columns.
 
-A temporary git + DVC repo has this project's params.yaml and, for each stage that declares
-metrics (train, evaluate, export), a stand-in with that stage's params and metrics files; it writes
-this repository's committed metrics files, every figure shifted by train.seed and train.dropout.
+`dvc exp show`: a temporary git + DVC repo has this project's params.yaml and, for each stage that
+declares metrics (train, evaluate, export), a stand-in with that stage's params and metrics files;
+it writes this repository's committed metrics files, every float shifted by train.seed / 1000.
 After two experiments (one changes train.seed, the other train.seed and the longest params key
-any stage declares: a seed sweep of a candidate, at its widest), the README's own `dvc exp show`
-line runs with COLUMNS=120: every line fits, no cell is cut to "…", and the columns are the
-experiments' names (DVC's, adjective-noun), the params that differ and evaluate.HEADLINE's figures.
+any stage declares: a seed sweep of a candidate, at its widest), the README's line runs with
+COLUMNS=120: every line fits, no cell is cut to "…", and the columns are the experiments' names
+(DVC's, adjective-noun), the params that differ and evaluate.HEADLINE's figures.
+`dvc metrics show` and `dvc metrics diff main`: a repo with this dvc.yaml and its committed metrics
+files on `main` shows the headline figures; on a branch with each headline figure + 0.001, the
+diff lists exactly those, main's value against the workspace's.
 """
 from __future__ import annotations
 
@@ -43,11 +46,11 @@ for path in sys.argv[1:]:
 """
 
 
-def readme_command() -> list[str]:
-    """The README's `dvc exp show` line (the one in its fenced blocks), as words."""
+def readme_command(command: str = "dvc exp show") -> list[str]:
+    """The README's one line that starts with `command` (in its fenced blocks), as words."""
     lines = [line.strip() for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-             if line.strip().startswith("dvc exp show")]
-    assert len(lines) == 1, f"the README shows one `dvc exp show` line, found {lines}"
+             if line.strip().startswith(command)]
+    assert len(lines) == 1, f"the README shows one `{command}` line, found {lines}"
     return shlex.split(lines[0].split(" #")[0])
 
 
@@ -106,19 +109,27 @@ def shown(tmp_path_factory) -> tuple[str, dict]:
     dvc(repo, "exp", "run", "-q", "-S", "train.seed=2", "-S", f"{key}={value}")
     runs = {entry["name"]: entry["revs"][0]["data"]["params"]["params.yaml"]["data"]
             for entry in json.loads(dvc(repo, "exp", "show", "--json"))[1]["experiments"]}
-    words = readme_command()
+    return at_width(repo, readme_command()), runs
+
+
+def at_width(repo: Path, words: list[str]) -> str:
+    """What the DVC command `words` prints in `repo` at COLUMNS=WIDTH."""
     done = subprocess.run([DVC, *words[1:]], cwd=repo, env={**ENV, "COLUMNS": str(WIDTH)}, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return done.stdout, runs
+    return done.stdout
 
 
-def test_every_line_fits_and_no_cell_is_cut(shown):
-    out, _ = shown
+def assert_fits(out: str) -> None:
+    """Something shown, every line within WIDTH columns, no cell cut to "…"."""
     assert out.strip(), "nothing shown"
     for line in out.splitlines():
         assert len(line) <= WIDTH, f"{len(line)} columns: {line!r}"
     assert "…" not in out, out
+
+
+def test_every_line_fits_and_no_cell_is_cut(shown):
+    assert_fits(shown[0])
 
 
 def test_the_columns_are_names_changed_params_and_the_headline(shown):
@@ -170,6 +181,67 @@ def test_the_command_keeps_every_params_key_and_drops_every_other_metric():
             assert bool(keep.match(column)) == is_headline, column
             assert is_headline or drop.match(column), f"{column} would be shown"
     assert drop.match("Created") and drop.match("stages/train.py") and not drop.match("Experiment")
+
+
+@pytest.fixture(scope="module")
+def metrics_shown(tmp_path_factory) -> tuple[str, str]:
+    """(the README's `dvc metrics show` line at 120 columns on `main`, its `dvc metrics diff main` line
+    on a branch whose workspace has every headline figure + 0.001), in a repo holding this one's
+    dvc.yaml and committed metrics files."""
+    repo = init_dvc_repo(tmp_path_factory.mktemp("metrics_show"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values():
+        for path in metric_paths(stage):
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / path, repo / path)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "committed metrics")
+    git(repo, "branch", "-M", "main")
+    shown = at_width(repo, readme_command("dvc metrics show"))
+    git(repo, "checkout", "-qb", "candidate")
+    for split in HEADLINE:
+        path = repo / "metrics" / "headline" / f"{split}.json"
+        figures = json.loads(path.read_text())[split]
+        path.write_text(json.dumps({split: {name: value + 0.001 for name, value in figures.items()}}))
+    return shown, at_width(repo, readme_command("dvc metrics diff"))
+
+
+def committed_headline() -> dict[str, float]:
+    """{"split.name": value} of the committed metrics/headline files."""
+    return {f"{split}.{name}": value for split in HEADLINE
+            for name, value in json.loads((ROOT / "metrics" / "headline" / f"{split}.json").read_text())[split].items()}
+
+
+def test_the_readme_metrics_show_fits_and_shows_the_headline(metrics_shown):
+    out = metrics_shown[0]
+    assert_fits(out)
+    header, *rows = out.splitlines()
+    columns = header.split()[1:]
+    committed = committed_headline()
+    assert header.split()[0] == "Path" and sorted(columns) == sorted(committed), out
+    assert sorted(row.split()[0] for row in rows) == sorted(f"metrics/headline/{split}.json" for split in HEADLINE)
+    for row in rows:
+        path, *cells = row.split()
+        split = Path(path).stem
+        for column, cell in zip(columns, cells, strict=True):
+            if column.startswith(f"{split}."):
+                assert float(cell) == pytest.approx(committed[column], abs=5e-6), (column, row)
+            else:
+                assert cell == "-", (column, row)
+
+
+def test_the_readme_metrics_diff_from_a_branch_fits_and_lists_each_changed_figure(metrics_shown):
+    out = metrics_shown[1]
+    assert_fits(out)
+    header, *rows = out.splitlines()
+    assert header.split() == ["Path", "Metric", "main", "workspace", "Change"], out
+    committed = committed_headline()
+    found = {row.split()[1]: row.split()[2:] for row in rows}
+    assert set(found) == set(committed), "every changed figure, and only those"
+    for name, (before, after, change) in ((name, map(float, cells)) for name, cells in found.items()):
+        assert before == pytest.approx(committed[name], abs=5e-6)
+        assert after == pytest.approx(committed[name] + 0.001, abs=5e-6)
+        assert change == pytest.approx(0.001, abs=5e-6)
 
 
 def test_headline_takes_the_figures_named_in_headline_from_a_splits_metrics():
