@@ -5,7 +5,9 @@ dvc.yaml uses: `params_path` -> --params FILE, `<what>_dir` -> --<what>-dir DIR,
 --<what>-path FILE, `workers` -> --workers N (default: the usable CPUs). `command_parser` is the
 same start for commands that are not stages (predict, serve).
 A StageError (ParamError for params.yaml) ends the run with one line, `error: <message>`, and
-exit 1; Ctrl-C exits 130; either way outputs stay as they were before the run.
+exit 1; Ctrl-C exits 130. Either way no file is half-written (stages/lib/files.py), and an output
+the run did not replace is the previous one when the stage runs directly, absent under `dvc
+repro` (which deletes a stage's outputs before it runs it).
 Invariant: `python -m stages.<name> --help` prints usage and exits 0 before anything is read,
 written or imported beyond the stage's module (TensorFlow is imported inside the functions).
 Why: every stage is run, tested and scripted the same way. Endings and messages: docs/faults.md.
@@ -21,8 +23,10 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-EXIT_STATUS = ("exit status: 0 done; 1 an error the message explains (outputs are left as they were "
-               "before this run); 130 interrupted (outputs left as they were)")
+# What a failed or interrupted run leaves: true run directly and under `dvc repro` (see files.py).
+OUTPUTS_LEFT = ("no file is half-written; an output this run did not replace is the previous one (run directly) "
+                "or absent (dvc repro deletes outputs before a run)")
+EXIT_STATUS = f"exit status: 0 done; 1 an error the message explains; 130 interrupted. After 1 or 130: {OUTPUTS_LEFT}"
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
@@ -97,9 +101,9 @@ def run_stage(main: Callable[..., None], argv: Sequence[str] | None = None) -> N
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except OSError as err:  # disk full, permissions...: the outputs are still the previous ones
-        print(f"error: {err} (outputs left as they were before this run)", file=sys.stderr)
+    except OSError as err:  # disk full, permissions...
+        print(f"error: {err} ({OUTPUTS_LEFT})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: outputs left as they were before this run", file=sys.stderr)
+        print(f"interrupted: {OUTPUTS_LEFT}", file=sys.stderr)
         sys.exit(130)

@@ -1,19 +1,17 @@
 """Files between stages: atomic writes, and the readers of JSON and CSV files earlier stages wrote.
 
-A stage's output either is the previous complete one or the new complete one, never a
-half-written mix, whatever kills the process (SIGKILL included). A folder is swapped in with one
-rename-exchange (Linux), so it is never absent either; where the filesystem cannot exchange, a
-kill between the two renames is rolled back by the next run. The old copy is deleted only once
-the new one is in place, and concurrent runs of one stage never delete each other's temporary
-folders. A missing or broken input is a StageError naming the file and the stage that makes it.
-Faults and the tests that prove them: docs/faults.md.
+An output file or folder is built beside its path under a temporary name and renamed onto it
+once complete, so no output is ever half-written, whatever ends the process (SIGKILL included).
+Run directly (`python -m stages.<name>`), a failed or killed run leaves the previous output in
+place (a kill in the instant between the two renames that publish a folder leaves none). Under
+`dvc repro` there is nothing to keep: DVC deletes a stage's outputs before it runs it, so a
+failed stage leaves its outputs absent. A run deletes the temporary folders that killed runs
+left beside its output, never those of a run still alive. A missing or broken input is a
+StageError naming the file and the stage that makes it. Faults and their tests: docs/faults.md.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import json
 import logging
 import os
@@ -25,11 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from stages.lib.cli import StageError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock (concurrent runs then rely on the per-run names alone)
-    fcntl = None
 
 log = logging.getLogger("stages.lib.files")
 
@@ -68,35 +61,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
-
-
-@functools.cache
-def _renameat2():
-    """libc's renameat2 (Linux, glibc >= 2.28), or None."""
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    except (OSError, TypeError):
-        return None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap `a` and `b` in one atomic step; False where the system or filesystem cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-def _move(src: Path, dst: Path) -> None:
-    os.rename(src, dst)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -115,73 +79,41 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (flock on the folder itself: no lock file is left)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _leftovers(path: Path) -> list[tuple[int, str, Path]]:
-    """(pid, kind, folder) of every `.<name>.run<pid>.<kind>.tmp` beside `path`: kind `old` is a
-    saved previous output (the fallback publish), any other kind a folder being built."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.run(\d+)\.(.+)\.tmp$")
-    found = (pattern.match(p.name) for p in path.parent.iterdir())
-    return [(int(m.group(1)), m.group(2), path.parent / m.group(0)) for m in found if m]
-
-
-def _recover(path: Path) -> None:
-    """Under the lock: put back a previous output a killed publish left aside, then delete the
-    temporary folders of runs that are dead (a live run's folder is its own business)."""
-    left = _leftovers(path)
-    saved = [p for _, kind, p in left if kind == "old"]
-    if saved and not os.path.lexists(path):  # a publish died between its two renames: roll back
-        _move(saved[0], path)
-        log.warning("%s: restored the previous output a killed run had moved aside", path)
-    for pid, _, folder in left:
-        if os.path.lexists(folder) and not _alive(pid):
-            _remove(folder)
-
-
-def _publish(tmp: Path, path: Path) -> Path | None:
-    """Under the lock: put `tmp` at `path`; returns where the previous output now is (to delete)."""
-    if not os.path.lexists(path):
-        _move(tmp, path)
-        return None
-    if _exchange(tmp, path):  # one step: `path` is always a complete output
-        return tmp
-    saved = path.parent / f".{path.name}.run{os.getpid()}.old.tmp"  # `_recover` rolls back a kill here
-    _move(path, saved)
-    _move(tmp, path)
-    return saved
+def _remove_dead_runs_folders(path: Path) -> None:
+    """Delete every `.<name>.run<pid>.<anything>.tmp` beside `path` whose process is dead: what a
+    killed run left (its half-built folder, or the previous output it had moved aside)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.run(\d+)\..+\.tmp$")
+    for entry in path.parent.iterdir():
+        found = pattern.match(entry.name)
+        if found and not _alive(int(found.group(1))):
+            _remove(entry)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; on success it replaces `path` atomically.
+    """Yield an empty temporary folder beside `path`; on success it replaces `path`.
 
-    The folder is `.<name>.run<pid>.<random>.tmp`. The previous `path` stays until the new one
-    is in place; on any error (or Ctrl-C) the temporary folder is deleted and `path` is left as
-    it was. Folders of killed runs are deleted by the next run, those of live runs never.
+    The folder is `.<name>.run<pid>.<random>.tmp`. Once the block succeeds, the previous `path` is
+    renamed aside (`.<name>.run<pid>.old.tmp`), the new folder renamed onto `path`, and the previous
+    one deleted. On any error (or Ctrl-C) the temporary folder is deleted and `path` is left as it
+    was. Folders of killed runs are deleted by the next run, those of live runs never.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.parent):
-        _recover(path)
+    _remove_dead_runs_folders(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.run{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    previous = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes folders owner-only; outputs are ordinary folders
-        with _locked(path.parent):
-            previous = _publish(tmp, path)
+        if os.path.lexists(path):
+            previous = path.parent / f".{path.name}.run{os.getpid()}.old.tmp"
+            os.rename(path, previous)
+        os.rename(tmp, path)
     except BaseException:
+        if previous is not None and not os.path.lexists(path):
+            os.rename(previous, path)  # the new folder did not go in: the previous one goes back
+            previous = None
         _remove(tmp)
         raise
     if previous is not None:

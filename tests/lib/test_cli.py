@@ -2,6 +2,7 @@
 main()'s parameters (`--params`, `--<x>-dir`, `--<x>-path`), loggers are named `stages.<name>`."""
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import subprocess
@@ -14,7 +15,8 @@ import yaml
 from stages.lib.cli import StageError, run_stage, stage_parser
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+STAGES = sorted(DVC_STAGES)
 COMMANDS = [*STAGES, "predict"]
 HEAVY = ("tensorflow", "keras", "sklearn", "dvclive")  # none of these may load just to print usage
 
@@ -37,7 +39,7 @@ def test_every_stage_takes_its_params_file_and_paths_as_options(name):
     module = importlib.import_module(f"stages.{name}")
     parser = stage_parser(module.main)
     options = {o for action in parser._actions for o in action.option_strings} - {"-h", "--help"}
-    assert "--params" in options
+    assert ("--params" in options) == ("params" in DVC_STAGES[name]), "--params where the stage reads params.yaml"
     paths = options - {"--params", "--workers"}
     assert paths and all(o.endswith(("-dir", "-path")) for o in paths), sorted(paths)
 
@@ -77,3 +79,30 @@ def test_a_stage_error_is_one_line_and_exit_1(capsys):
         run_stage(main, [])
     assert exit_.value.code == 1
     assert capsys.readouterr().err == "error: data/x: not found (run: dvc repro x)\n"
+
+
+WHAT_IS_LEFT = ("no file is half-written; an output this run did not replace is the previous one (run directly) "
+                "or absent (dvc repro deletes outputs before a run)")
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (OSError(errno.ENOSPC, "No space left on device"), 1,
+     f"error: [Errno {errno.ENOSPC}] No space left on device ({WHAT_IS_LEFT})"),
+    (KeyboardInterrupt(), 130, f"interrupted: {WHAT_IS_LEFT}"),
+], ids=["disk-full", "ctrl-c"])
+def test_a_failed_or_interrupted_run_says_what_its_outputs_are(capsys, error, status, line):
+    """Not "left as they were": under dvc repro they were deleted before the run."""
+    def main() -> None:
+        raise error
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(main, [])
+    assert exit_.value.code == status
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_help_says_what_each_exit_status_leaves(capsys):
+    with pytest.raises(SystemExit):
+        run_stage(sample_main, ["--help"])
+    epilog = " ".join(capsys.readouterr().out.split())
+    assert f"exit status: 0 done; 1 an error the message explains; 130 interrupted. After 1 or 130: {WHAT_IS_LEFT}" \
+        in epilog

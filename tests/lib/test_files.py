@@ -1,11 +1,14 @@
-"""Tests for stages/lib/files.py's atomic_dir: real processes SIGKILLed at each step of a publish.
+"""Tests for stages/lib/files.py: the single-file writers (replacing, atomic_write_bytes), and
+atomic_dir with real processes SIGKILLed at each step of a publish.
 
 Each killed process runs PUBLISH (below) with one step of files.py wrapped to print a word and
 hang there; the test kills it (SIGKILL: no cleanup code runs) and checks what is on disk, then
-what the next run does.
+what the next run does. These are the direct-run cases (`python -m stages.<name>`): under
+`dvc repro` DVC has deleted the output before the stage runs, so there is no previous one to keep.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -30,21 +33,13 @@ out, hang_at = Path(sys.argv[1]), sys.argv[2]
 def hang(word):
     print(word, flush=True)
     time.sleep(120)
-if hang_at == "after-exchange":
-    real_exchange = files._exchange
-    def exchange(a, b):
-        done = real_exchange(a, b)
-        hang("exchanged")
-    files._exchange = exchange
-if hang_at == "between-renames":  # a filesystem without rename-exchange: two renames
-    files._exchange = lambda a, b: False
-    real_move, moves = files._move, []
-    def move(src, dst):
-        real_move(src, dst)
-        moves.append(dst)
-        if len(moves) == 1:
+if hang_at == "between-renames":  # the previous output moved aside, the new one not yet in place
+    real_rename = files.os.rename
+    def rename(src, dst):
+        real_rename(src, dst)
+        if Path(dst).name.endswith(".old.tmp"):
             hang("moved aside")
-    files._move = move
+    files.os.rename = rename
 with files.atomic_dir(out) as tmp:
     (tmp / "sub").mkdir()
     for name, text in (("a.txt", "new a"), ("sub/b.txt", "new b"), ("c.txt", "new c")):
@@ -91,6 +86,68 @@ def kill(process: subprocess.Popen) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+# --------------------------------------------------------------------------------------------
+# Single files: replacing() and atomic_write_bytes
+# --------------------------------------------------------------------------------------------
+def beside(path: Path) -> list[str]:
+    """Every name in `path`'s folder but its own: temporary files left behind."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+def test_atomic_write_bytes_writes_the_content_as_an_ordinary_file_and_nothing_else(tmp_path):
+    path = tmp_path / "new" / "folder" / "decision.json"
+    files.atomic_write_bytes(path, b'{"tta": "flips"}\n')
+    assert path.read_bytes() == b'{"tta": "flips"}\n'
+    assert (path.stat().st_mode & 0o777) == 0o644, "rw-r--r--, not mkstemp's owner-only 0600"
+    assert beside(path) == []
+    files.atomic_write_bytes(path, b"second")
+    assert path.read_bytes() == b"second" and beside(path) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_an_exception_inside_replacing_keeps_the_old_file_and_leaves_no_temporary(tmp_path, error):
+    path = tmp_path / "metrics.json"
+    path.write_bytes(b"old, complete")
+    with pytest.raises(type(error)), files.replacing(path) as (fd, tmp):
+        os.write(fd, b"new, half")
+        os.close(fd)
+        assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".metrics.json.")
+        raise error
+    assert path.read_bytes() == b"old, complete"
+    assert beside(path) == [], "the temporary file is deleted"
+
+
+def test_a_disk_full_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "images.csv"
+    path.write_bytes(b"image_id\nISIC_1\nISIC_2\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        files.atomic_write_bytes(path, b"image_id\nISIC_1\n")  # a shorter table: it must not land
+    monkeypatch.undo()
+    assert path.read_bytes() == b"image_id\nISIC_1\nISIC_2\n" and beside(path) == []
+
+
+def test_a_reader_sees_the_old_or_the_new_file_never_a_part(tmp_path):
+    """Killed (SIGKILL) halfway through writing: the file is still the old one, whole."""
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"old\n" * 1000)
+    script = ("import sys, time\nfrom pathlib import Path\nfrom stages.lib import files\n"
+              "with files.replacing(Path(sys.argv[1])) as (fd, tmp):\n"
+              "    import os\n    os.write(fd, b'new\\n' * 500)\n    print('half', flush=True)\n    time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_for(process, "half")
+    kill(process)
+    assert path.read_bytes() == b"old\n" * 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Folders: atomic_dir
+# --------------------------------------------------------------------------------------------
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     """An output folder holding a complete previous version."""
@@ -122,13 +179,19 @@ def test_a_first_publish_creates_the_output(tmp_path):
     assert tree(tmp_path / "new" / "out") == NEW
 
 
-def test_the_exchange_swaps_two_folders_in_one_step(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    write_tree(a, {"x": b"a"})
-    write_tree(b, {"y": b"b"})
-    if not files._exchange(a, b):
-        pytest.skip("no renameat2 RENAME_EXCHANGE here: the two-rename publish is tested instead")
-    assert tree(a) == {"y": b"b"} and tree(b) == {"x": b"a"}
+def test_a_failed_rename_onto_the_output_puts_the_previous_one_back(out, monkeypatch):
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst) == out and not Path(src).name.endswith(".old.tmp"):  # the new folder onto the output
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with pytest.raises(OSError, match="Permission denied"):
+        publish_in_process(out)
+    monkeypatch.undo()
+    assert tree(out) == OLD and leftovers(out) == []
 
 
 def test_killed_while_building_keeps_the_previous_output_and_the_next_run_cleans_up(out):
@@ -143,36 +206,17 @@ def test_killed_while_building_keeps_the_previous_output_and_the_next_run_cleans
     assert tree(out) == NEW and leftovers(out) == [], "the dead run's folder is deleted"
 
 
-def test_killed_right_after_the_exchange_the_output_is_the_new_one(out):
-    if files._renameat2() is None:
-        pytest.skip("no renameat2 here: the two-rename publish is tested instead")
-    process = start(out, "after-exchange")
-    wait_for(process, "exchanged")
-    kill(process)
-    assert tree(out) == NEW, "never absent, never the old copy once the exchange happened"
-    (left,) = leftovers(out)
-    assert tree(out.parent / left) == OLD, "the old copy waits under the dead run's name"
-
-    with pytest.raises(RuntimeError), files.atomic_dir(out):
-        raise RuntimeError("the next run fails")
-    assert tree(out) == NEW and leftovers(out) == [], "the next run deleted the dead run's leftover"
-
-
-def test_killed_between_the_two_renames_the_next_run_puts_the_old_copy_back(out):
-    """Without rename-exchange a publish is two renames; a kill between them is rolled back."""
+def test_killed_between_the_two_renames_leaves_no_output_and_the_next_run_publishes(out):
+    """The one instant a direct run can leave no output: like a failed `dvc repro`, which deletes it first."""
     process = start(out, "between-renames")
     wait_for(process, "moved aside")
     kill(process)
     saved = out.parent / f".raw.run{process.pid}.old.tmp"
     assert tree(saved) == OLD and not out.exists()
-
-    with pytest.raises(RuntimeError), files.atomic_dir(out):
-        raise RuntimeError("the next run fails before publishing")
-    assert tree(out) == OLD, "the saved copy was put back, not deleted as stale"
-    assert leftovers(out) == []
+    assert len(leftovers(out)) == 2, "the saved previous output and the new folder, both the dead run's"
 
     publish_in_process(out)
-    assert tree(out) == NEW and leftovers(out) == []
+    assert tree(out) == NEW and leftovers(out) == [], "the dead run's folders are deleted"
 
 
 def test_a_second_run_does_not_delete_a_live_runs_folder(out):
