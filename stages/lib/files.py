@@ -162,14 +162,27 @@ def write_table(path: Path, table) -> None:
 _KERAS_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold (reproducible-builds usage)
 
 
+def _numbered_shared_objects(node, numbers: dict) -> None:
+    """Replace each `shared_object_id` in a Keras config (the object's address in the saving process)
+    by its rank of first appearance: objects shared stay shared, and the numbers are the same each save."""
+    if isinstance(node, dict):
+        if "shared_object_id" in node:
+            node["shared_object_id"] = numbers.setdefault(node["shared_object_id"], len(numbers))
+        for value in node.values():
+            _numbered_shared_objects(value, numbers)
+    elif isinstance(node, list):
+        for value in node:
+            _numbered_shared_objects(value, numbers)
+
+
 def _deterministic_keras_zip(data: bytes) -> bytes:
-    """The .keras file `data` with nothing that depends on when or where it was saved.
+    """The .keras file `data` with nothing that depends on when, where or by which process it was saved.
 
     Keras writes the save time in metadata.json (`date_saved`, kept as a key since Keras's file
-    editor reads it: set to _KERAS_ZIP_TIME) and the weights entry's time and mode from its
-    temporary file. Every entry gets _KERAS_ZIP_TIME and mode 644, in name order (Keras lists
-    assets in the order the filesystem gives), its bytes and compression unchanged (the HDF5
-    weights inside hold no times: h5py does not track them unless asked).
+    editor reads it: set to _KERAS_ZIP_TIME), object addresses in config.json (numbered instead),
+    and the time and mode 600 in each zip entry. Every entry gets _KERAS_ZIP_TIME and mode 644, in
+    name order (Keras lists assets in the order the filesystem gives), its compression unchanged
+    (the HDF5 weights inside hold no times: h5py does not track them unless asked).
     """
     import io
     import zipfile
@@ -182,6 +195,10 @@ def _deterministic_keras_zip(data: bytes) -> bytes:
                 metadata = json.loads(content)
                 metadata["date_saved"] = "{:04d}-{:02d}-{:02d}@{:02d}:{:02d}:{:02d}".format(*_KERAS_ZIP_TIME)
                 content = json.dumps(metadata).encode()
+            elif entry.filename == "config.json":
+                config = json.loads(content)
+                _numbered_shared_objects(config, {})
+                content = json.dumps(config).encode()
             info = zipfile.ZipInfo(entry.filename, date_time=_KERAS_ZIP_TIME)
             info.compress_type = entry.compress_type
             info.create_system = 3  # Unix, whatever system saved it: the mode below is a Unix mode
@@ -192,7 +209,9 @@ def _deterministic_keras_zip(data: bytes) -> bytes:
 
 def atomic_save_model(model, path: Path) -> None:
     """`model.save(path)` (a Keras model, a .keras file), atomically like atomic_write_bytes, and
-    deterministic: the same model (weights, optimizer state, config) gives the same bytes."""
+    deterministic: the same model (weights, optimizer state, config) gives the same bytes. (Keras
+    writes the weights in memory unless free memory is under twice their size; its other way,
+    through a temporary file, lays the HDF5 file out otherwise: fixed too, but other bytes.)"""
     with replacing(path, suffix=".keras") as (fd, tmp):  # Keras wants the .keras suffix
         os.close(fd)
         model.save(tmp)

@@ -1,11 +1,16 @@
 """files.atomic_save_model writes deterministic .keras files: the same model gives the same bytes,
-whenever and however Keras writes them, and the file loads back to the same predictions."""
+whenever, by whichever process and however Keras writes them, and the file loads back to the same
+weights, optimizer state and predictions."""
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -26,17 +31,24 @@ def zip_of(entries: list[tuple[str, tuple, int, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def test_save_times_modes_and_entry_order_are_normalised():
+def config_sharing(first: int, second: int) -> bytes:
+    """A config.json in Keras's form: two layers share the object saved at address `first`."""
+    return json.dumps({"layers": [{"dtype": {"class_name": "DTypePolicy", "shared_object_id": first}},
+                                  {"dtype": {"class_name": "DTypePolicy", "shared_object_id": first}},
+                                  {"kernel_initializer": {"shared_object_id": second}}]}).encode()
+
+
+def test_save_times_addresses_modes_and_entry_order_are_normalised():
     weights = b"\x89HDF\r\n\x1a\n stand-in weights"
     saved_monday = zip_of([
         ("metadata.json", (2026, 3, 2, 9, 15, 0), 0o100600,
          b'{"keras_version": "3.15.1", "date_saved": "2026-03-02@09:15:01"}'),
-        ("config.json", (2026, 3, 2, 9, 15, 0), 0o100600, b'{"class_name": "Functional"}'),
+        ("config.json", (2026, 3, 2, 9, 15, 0), 0o100600, config_sharing(140173861819280, 140173861819999)),
         ("model.weights.h5", (2026, 3, 2, 9, 15, 2), 0o100600, weights),
     ])
     saved_later_elsewhere = zip_of([
         ("model.weights.h5", (2027, 1, 5, 23, 59, 58), 0o100664, weights),
-        ("config.json", (2027, 1, 5, 23, 59, 58), 0o100664, b'{"class_name": "Functional"}'),
+        ("config.json", (2027, 1, 5, 23, 59, 58), 0o100664, config_sharing(140573073211984, 140573073200000)),
         ("metadata.json", (2027, 1, 5, 23, 59, 58), 0o100664,
          b'{"keras_version": "3.15.1", "date_saved": "2027-01-05@23:59:59"}'),
     ])
@@ -49,50 +61,79 @@ def test_save_times_modes_and_entry_order_are_normalised():
         assert {e.external_attr >> 16 for e in entries} == {0o100644}
         assert json.loads(zf.read("metadata.json")) == {"keras_version": "3.15.1",
                                                          "date_saved": "1980-01-01@00:00:00"}
+        assert zf.read("config.json") == config_sharing(0, 1), "numbered in order of first appearance"
         assert zf.read("model.weights.h5") == weights
-        assert zf.read("config.json") == b'{"class_name": "Functional"}'
+
+
+IMAGES = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+ROOT = Path(__file__).resolve().parents[2]
+WAYS = ("in_memory", "low_memory")
+
+
+def trained_model():
+    """The tiny model trained one step (seeded, op determinism as in train), so the file also
+    holds optimizer state."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    model = tiny_model(IMAGES)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.train_on_batch(IMAGES, np.arange(len(IMAGES)) % 7)
+    return model
+
+
+def save_both_ways(model, folder: Path) -> None:
+    """Save `model` both ways Keras writes: weights in memory, and (short of memory) through a file."""
+    from keras.src.saving import saving_lib
+
+    in_memory = saving_lib.is_memory_sufficient
+    try:
+        files.atomic_save_model(model, folder / "in_memory.keras")
+        saving_lib.is_memory_sufficient = lambda m: False
+        files.atomic_save_model(model, folder / "low_memory.keras")
+    finally:
+        saving_lib.is_memory_sufficient = in_memory
+
+
+SAVE_IN_ANOTHER_PROCESS = """
+import sys
+from pathlib import Path
+from tests.lib.test_model_file import save_both_ways, trained_model
+save_both_ways(trained_model(), Path(sys.argv[1]))
+"""
 
 
 @pytest.fixture(scope="module")
-def trained_model():
-    """The tiny model compiled and trained one step, so the file also holds optimizer state."""
-    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
-    model = tiny_model(images)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    model.train_on_batch(images, np.arange(8) % 7)
-    return model, images
+def model():
+    return trained_model()
 
 
-def test_one_model_saved_twice_apart_gives_the_same_bytes(trained_model, tmp_path, monkeypatch):
-    """Saves 2.1 s apart (zip entry times count in 2 s steps, date_saved in 1 s), each both ways
-    Keras writes: weights in memory, and (short of memory) through a temporary file."""
-    from keras.src.saving import saving_lib
-
-    model, _ = trained_model
-    ways = {"in_memory": saving_lib.is_memory_sufficient, "low_memory": lambda m: False}
-    for save in ("first", "second"):
-        if save == "second":
-            time.sleep(2.1)
-        for way, memory_check in ways.items():
-            monkeypatch.setattr(saving_lib, "is_memory_sufficient", memory_check)
-            files.atomic_save_model(model, tmp_path / f"{save}_{way}.keras")
-    for way in ways:
-        assert (tmp_path / f"first_{way}.keras").read_bytes() == (tmp_path / f"second_{way}.keras").read_bytes()
-    with zipfile.ZipFile(tmp_path / "first_in_memory.keras") as zf:
+def test_one_model_saved_by_two_processes_gives_the_same_bytes(model, tmp_path):
+    """Saved here, then 2.1 s later (zip entry times count in 2 s steps, date_saved in 1 s) by a
+    new process that builds the same model (its objects at other addresses), both ways each."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    save_both_ways(model, tmp_path / "here")
+    time.sleep(2.1)
+    done = subprocess.run([sys.executable, "-c", SAVE_IN_ANOTHER_PROCESS, str(tmp_path / "there")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for way in WAYS:
+        assert (tmp_path / "here" / f"{way}.keras").read_bytes() == (tmp_path / "there" / f"{way}.keras").read_bytes()
+    with zipfile.ZipFile(tmp_path / "here" / "in_memory.keras") as zf:
         with h5py.File(io.BytesIO(zf.read("model.weights.h5"))) as h5:
             assert "optimizer" in h5, "the optimizer's state is in the file too"
-    assert len(list(tmp_path.iterdir())) == 4, "no temporary file is left"
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == ["in_memory.keras", "low_memory.keras"]
 
 
-def test_the_saved_file_loads_and_predicts_exactly_as_the_model(trained_model, tmp_path):
+def test_the_saved_file_loads_and_predicts_exactly_as_the_model(model, tmp_path):
     import keras
 
-    model, images = trained_model
     files.atomic_save_model(model, tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     for saved, restored in zip(model.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(restored, saved)
     for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(saved))
-    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    np.testing.assert_array_equal(loaded.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0))
     assert (tmp_path / "model.keras").stat().st_mode & 0o777 == 0o644
