@@ -29,9 +29,9 @@ import numpy as np
 
 from stages import export
 from stages.lib.files import atomic_write_text
-from stages.lib.inference import Decision, corrected, decide, flips, predict_proba
+from stages.lib.inference import Decision, corrected, decide, flips, load_decision, predict_proba
 from stages.lib.params import PARAMS_FILE, load_params
-from stages.lib.shards import read_shards
+from stages.lib.shards import read_images, read_shards, sample_rows
 
 MODES = ("int8", "int16", "dynamic", "float16")
 """int8: int8 weights and activations (the stage's file); int16: int16 activations, int8 weights;
@@ -100,7 +100,7 @@ def parse_candidate(spec: str, base: export.ExportParams) -> Candidate:
 
 def calibration_images(real: np.ndarray, candidate: Candidate, seed: int) -> np.ndarray:
     """The stage's seeded sample of real training images, with their flips for `views=flips`."""
-    sample = export.representative_sample(real, candidate.images, seed)
+    sample = real[sample_rows(len(real), candidate.images, seed)]
     return np.concatenate(flips(sample)) if candidate.views == "flips" else sample
 
 
@@ -153,8 +153,13 @@ def convert(model, image_size: int, candidate: Candidate, calibration: np.ndarra
         return to_dynamic_range(model, image_size)
     if candidate.mode == "int16":
         return to_int16_activations(model, image_size, calibration)
-    return export.to_int8(model, image_size, calibration, candidate.float_ops, worst_tensors[:candidate.worst],
-                          candidate.float_layers)
+    if not candidate.worst:
+        return export.to_int8(model, image_size, calibration, candidate.float_ops, candidate.float_layers)
+    # export.to_int8's file, with the debugger's `worst` worst tensors also kept float32
+    debugger = export.int8_debugger(model, image_size, calibration, candidate.float_ops)
+    tensors = worst_tensors[:candidate.worst] + export.layer_tensors(debugger.calibrated_model, candidate.float_layers)
+    debugger.options = export.float_options(candidate.float_ops, tensors)
+    return debugger.get_nondebug_quantized_model()
 
 
 def figures(labels: np.ndarray, raw_reference: np.ndarray, raw: np.ndarray, decision: Decision) -> dict:
@@ -202,14 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     except RuntimeError:  # TensorFlow already ran something in this process (a test): its threads stay
         pass
-    decision = Decision.load(args.decision)
+    decision = load_decision(args.decision)
     model = keras.saving.load_model(args.model)
     size = int(model.input_shape[1])
-    train_images, _, train_ids = read_shards(args.data, "train")
+    real, _, _ = read_images(args.data, "train")
     val_images, val_labels, _ = read_shards(args.data, "val")
     if args.limit:
         val_images, val_labels = val_images[:args.limit], val_labels[:args.limit]
-    real = export.real_images(train_images, train_ids)
     print(f"model {args.model} ({size} px); {len(real):,} real training images; val {len(val_images):,} "
           f"images; rule: {decision.tta}, prior strength {decision.prior_strength}", flush=True)
     started = time.perf_counter()
@@ -221,9 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "baseline": dataclasses.asdict(base), "candidates": {}}
     worst: tuple[str, ...] = ()
     if any(c.worst for c in candidates):
-        probe = export.representative_sample(real, args.debug_images, base.seed + 1)
-        table = int8_layer_errors(model, size, export.representative_sample(real, base.representative_images,
-                                                                            base.seed), probe)
+        probe = real[sample_rows(len(real), args.debug_images, base.seed + 1)]
+        table = int8_layer_errors(model, size, real[sample_rows(len(real), base.representative_images, base.seed)],
+                                  probe)
         worst = tuple(table["tensor_name"])
         record["debugger_worst"] = table.head(15)[["op_name", "tensor_name", "rmse/scale"]].to_dict(orient="records")
     for candidate in candidates:

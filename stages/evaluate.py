@@ -7,11 +7,12 @@ class-prior strength (best balanced accuracy), the melanoma threshold (the highe
 `mel_sensitivity_target`), the calibration temperature of the shown probabilities (NLL) and the
 out-of-distribution threshold (keeps `ood_keep` of validation lesions; Gaussians fitted on
 training features). Every figure comes from inference.judge, the computation predict and the
-web page use. Test is then scored with that fixed rule, unless `score_test` is false (seed
-sweeps): metrics/test.json is then {"scored": false} and test is not read at all.
-Outputs: metrics/{val,test}.json (headline figures, all scalars; the few `dvc exp show` lists
-also in metrics/headline/, short-named), metrics/plots/{split}/ (CSV tables `dvc plots` draws).
-Intervals: a lesion-group bootstrap. Measurements: docs/experiments.md.
+web page use. Test is then scored with that fixed rule, and so are data/non_lesions's images
+(share answered "unknown"), unless `score_test` is false (seed sweeps): metrics/test.json is then
+{"scored": false} and test is not read at all. Outputs: metrics/{val,test}.json (headline
+figures, all scalars; the few `dvc exp show` lists also in metrics/headline/, short-named),
+metrics/plots/{split}/ (CSV tables `dvc plots` draws). Intervals: a lesion-group bootstrap.
+Measurements: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from stages.lib import ood
 from stages.lib.calibration import BINS, CURVES, calibration_figures, fit_temperature, top_class_table
 from stages.lib.cli import StageError, run_stage
 from stages.lib.dataset import CLASSES, MELANOMA
+from stages.lib.figures import lookup
 from stages.lib.files import atomic_dir, atomic_write_json, atomic_write_text, read_table
+from stages.lib.images import load_image
 from stages.lib.inference import (
     Decision,
     Judgement,
@@ -39,9 +42,8 @@ from stages.lib.inference import (
     prior_bias,
     threshold_for_sensitivity,
 )
-from stages.lib.non_lesions import non_lesion_images
 from stages.lib.params import PARAMS_FILE, in_range, load_params
-from stages.lib.shards import is_copy, read_index, read_shards
+from stages.lib.shards import read_index, read_shards, sample_images
 
 log = logging.getLogger("stages.evaluate")
 CURVE_POINTS = 101  # ROC and PR curves are sampled on a common grid, one column per class
@@ -279,10 +281,10 @@ def predictions_table(image_ids: np.ndarray, labels: np.ndarray, proba: np.ndarr
 
 
 def real_train_labels(data_dir: Path) -> np.ndarray:
-    """Labels of the real training images (not augment's copies), from augment's index: the true class mix."""
-    split = read_index(data_dir)["splits"]["train"]
-    real = {dx: split["class_counts"][dx] - split.get("augmented", {}).get(dx, 0) for dx in CLASSES}
-    return np.repeat(np.arange(len(CLASSES)), [real[dx] for dx in CLASSES])
+    """Labels of the real training images (each once, not as often as train reads them), from
+    augment's index: the true class mix."""
+    counts = read_index(data_dir)["splits"]["train"]["class_counts"]
+    return np.repeat(np.arange(len(CLASSES)), [counts[dx] for dx in CLASSES])
 
 
 def lesion_group_of_each_image(split_dir: Path, split: str, image_ids: np.ndarray) -> np.ndarray:
@@ -294,14 +296,6 @@ def lesion_group_of_each_image(split_dir: Path, split: str, image_ids: np.ndarra
         raise StageError(f"{Path(split_dir) / f'{split}.csv'}: no row for image {missing[0]} "
                          f"(data/augmented is from another split: dvc repro augment)")
     return np.array([group_of[i] for i in image_ids])
-
-
-def fit_sample(data_dir: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of `count` real training images drawn with `seed` (all, when fewer)."""
-    images, labels, image_ids = read_shards(data_dir, "train")
-    real = np.flatnonzero([not is_copy(i) for i in image_ids])
-    picked = np.sort(np.random.default_rng(seed).choice(real, size=min(count, len(real)), replace=False))
-    return images[picked], labels[picked]
 
 
 @dataclass(frozen=True)
@@ -331,6 +325,17 @@ def split_metrics(data: Scored, judged: Judgement, params: EvaluateParams) -> tu
     return metrics, tables
 
 
+def read_non_lesions(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, kind of each) of the non_lesions stage's folder, each file as predict reads it
+    (images.load_image, resized to `size`), in its index.csv's order."""
+    index = Path(folder) / "index.csv"
+    table = read_table(index, required=("file", "kind"))
+    if table.empty:
+        raise StageError(f"{index}: lists no image (re-run: dvc repro non_lesions)")
+    images = np.stack([load_image(Path(folder) / name, size) for name in table["file"]])
+    return images, table["kind"].to_numpy(str)
+
+
 def non_lesion_figures(lesions: Judgement, non_lesions: Judgement, kinds: np.ndarray) -> tuple[dict, str]:
     """(out_of_distribution metrics, a per-kind table): lesions accepted, non-lesion images rejected."""
     rejected = ~non_lesions.in_distribution
@@ -344,14 +349,8 @@ def non_lesion_figures(lesions: Judgement, non_lesions: Judgement, kinds: np.nda
 
 def headline(split: str, metrics: dict) -> dict:
     """{split: {name: figure}}: HEADLINE's figures of one split's metrics (none where test was not scored)."""
-    figures = {}
-    for name, key in HEADLINE[split].items():
-        value = metrics
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            figures[name] = value
-    return {split: figures}
+    figures = {name: lookup(metrics, key) for name, key in HEADLINE[split].items()}
+    return {split: {name: value for name, value in figures.items() if value is not None}}
 
 
 def log_split(split: str, m: dict) -> None:
@@ -366,7 +365,7 @@ def log_split(split: str, m: dict) -> None:
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),
          split_dir: Path = Path("data/split"), model_path: Path = Path("models/model.keras"),
          decision_path: Path = Path("models/decision.json"), ood_path: Path = Path("models/ood.npz"),
-         metrics_dir: Path = Path("metrics")) -> None:
+         metrics_dir: Path = Path("metrics"), non_lesions_dir: Path = Path("data/non_lesions")) -> None:
     params = load_params("evaluate", EvaluateParams, params_path)
     if not Path(model_path).is_file():
         raise StageError(f"{model_path}: no trained model (run: dvc repro train)")
@@ -385,7 +384,7 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
         groups = lesion_group_of_each_image(split_dir, split, image_ids)
         scored[split] = Scored(labels, *outputs(images, split), groups, image_ids)
     val, train_labels = scored["val"], real_train_labels(data_dir)
-    fit_images, fit_labels = fit_sample(data_dir, params.ood_fit_images, params.seed)
+    fit_images, fit_labels = sample_images(data_dir, "train", params.ood_fit_images, params.seed)
     _, fit_features = outputs(fit_images, "training images (out-of-distribution fit)")
     decision = with_shown_and_ood(choose_decision(params, val.labels, val.proba, train_labels), params, val.labels,
                                   val.proba, val.features, train_labels, fit_labels, fit_features)
@@ -400,7 +399,7 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
     results["val"]["decision"] = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold,
                                   "temperature": decision.temperature}
     if params.score_test:
-        images, kinds = non_lesion_images(int(features_model.input_shape[1]))
+        images, kinds = read_non_lesions(non_lesions_dir, int(features_model.input_shape[1]))
         non_lesions = judge(decision, *outputs(images, "non-lesion images"))
         results["test"]["out_of_distribution"], tables["test"]["non_lesions.csv"] = non_lesion_figures(
             judged["test"], non_lesions, kinds)

@@ -2,8 +2,8 @@
 
 Reads models/model.keras, models/decision.json and data/augmented; writes models/model_float16.tflite
 (float16 weights, float32 compute), models/model_int8.tflite (int8 weights per channel and int8
-activations, calibrated on a seeded sample of `representative_images` real training images, no
-'+aug' copy; op types in `int8_float_ops` and layers in `int8_float_layers` stay float32) and
+activations, calibrated on the seeded sample of `representative_images` real training images,
+shards.sample_images; op types in `int8_float_ops`, layers in `int8_float_layers` stay float32) and
 metrics/export.json: per model, its balanced accuracy on test, its top-1 agreement with the Keras
 model (all through evaluate's decision rule, models/decision.json), its size in bytes and, per
 .tflite file, its latency (median ms per image, batch of one, one CPU thread). Invariant: both
@@ -25,17 +25,17 @@ import numpy as np
 
 from stages.lib.cli import StageError, run_stage
 from stages.lib.files import atomic_write_bytes, atomic_write_json
-from stages.lib.inference import Decision, corrected, predict_proba
+from stages.lib.inference import Decision, corrected, load_decision, predict_proba
 from stages.lib.params import PARAMS_FILE, in_range, load_params
 from stages.lib.progress import Progress
-from stages.lib.shards import COPY_MARK, is_copy, read_index, read_shards
+from stages.lib.shards import read_index, read_shards, sample_images
 
 log = logging.getLogger("stages.export")
 
 
 @dataclass(frozen=True)
 class ExportParams:
-    representative_images: int   # real training images (no '+aug' copy) that calibrate the int8 ranges
+    representative_images: int   # real training images (each once) that calibrate the int8 ranges
     seed: int                    # which training images those are
     batch_size: int              # images per inference call when checking on test
     int8_float_ops: list[str] = dataclasses.field(default_factory=list)  # TFLite op types kept float32
@@ -56,35 +56,21 @@ class ExportParams:
 INT8_FLOAT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "ADD", "MUL")
 
 
-def real_images(images: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """The training images that are real photos, not augment's oversampled copies."""
-    real = np.array([not is_copy(image_id) for image_id in image_ids], dtype=bool)
-    if not real.any():
-        raise StageError(f"no real training image to calibrate int8 on (every image_id holds '{COPY_MARK}')")
-    return images[real]
-
-
-def representative_sample(images: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """`count` distinct training images drawn with `seed` (all of them when there are fewer)."""
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(images), size=min(count, len(images)), replace=False)
-    return images[np.sort(picked)]
-
-
 def converter(model, image_size: int):
     """A TFLite converter for the model in inference mode (Dropout inactive).
 
     No trackable object is passed: with the model as one, TF 2.21 keeps every weight as a resource
     variable (READ_VARIABLE ops, BatchNorm not folded, int8 calibration fails); without it the
-    weights are frozen into constants. `serve` holds the model, so its variables stay alive.
+    weights are frozen into constants. The traced function `forward` holds the model, so its
+    variables stay alive while the converter runs.
     """
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")])
-    def serve(image):
+    def forward(image):
         return model(image, training=False)
 
-    return tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()])
+    return tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()])
 
 
 def to_float16(model, image_size: int) -> bytes:
@@ -134,29 +120,42 @@ def layer_tensors(model_bytes: bytes, layers: tuple[str, ...]) -> tuple[str, ...
     return tuple(dict.fromkeys(found))
 
 
-def to_int8(model, image_size: int, calibration: np.ndarray, float_ops: tuple[str, ...] = (),
-            float_nodes: tuple[str, ...] = (), float_layers: tuple[str, ...] = ()) -> bytes:
-    """Int8 weights and activations (per-channel weights), ranges from `calibration`; float32
-    input and output. Every op is int8 unless its type is in `float_ops` (TFLite op names, e.g.
-    "SOFTMAX"), its output tensor in `float_nodes` or it comes from a Keras layer in `float_layers`
-    (e.g. "conv_pw_1"): those stay float32 (the quantisation debugger's selective quantisation),
-    with quantize/dequantize ops around them."""
+def float_options(float_ops: tuple[str, ...], tensors: tuple[str, ...] = ()):
+    """The quantisation debugger's selective quantisation: ops of the types `float_ops` (TFLite op
+    names, e.g. "SOFTMAX") and those writing the `tensors` stay float32, the rest int8."""
+    import tensorflow as tf
+
+    return tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops), denylisted_nodes=list(tensors),
+                                                         fully_quantize=False)
+
+
+def int8_debugger(model, image_size: int, calibration: np.ndarray, float_ops: tuple[str, ...]):
+    """TFLite's quantisation debugger on the int8 conversion, calibrated on `calibration`, with
+    `float_options(float_ops)`; setting its `options` re-quantises without re-calibrating, and
+    get_nondebug_quantized_model() gives the file (quantize/dequantize ops around the float ops)."""
     import tensorflow as tf
 
     conv = int8_converter(model, image_size, calibration)
-    if not float_ops and not float_nodes and not float_layers:
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    return tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(calibration[:1]),
+                                                     debug_options=float_options(float_ops))
+
+
+def to_int8(model, image_size: int, calibration: np.ndarray, float_ops: tuple[str, ...] = (),
+            float_layers: tuple[str, ...] = ()) -> bytes:
+    """Int8 weights and activations (per-channel weights), ranges from `calibration`; float32
+    input and output. Every op is int8 unless its type is in `float_ops` (TFLite op names, e.g.
+    "SOFTMAX") or it comes from a Keras layer in `float_layers` (e.g. "conv_pw_1"): those stay
+    float32 (`int8_debugger`)."""
+    import tensorflow as tf
+
+    if not float_ops and not float_layers:
+        conv = int8_converter(model, image_size, calibration)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # a float op fails loudly
         return conv.convert()
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-
-    def options(nodes: tuple[str, ...]):
-        return tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops),
-                                                             denylisted_nodes=list(nodes), fully_quantize=False)
-
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=one_at_a_time(calibration[:1]),
-                                                         debug_options=options(float_nodes))
-    if float_layers:  # names are read from the calibrated model; new options re-quantise it, no re-calibration
-        debugger.options = options(float_nodes + layer_tensors(debugger.calibrated_model, float_layers))
+    debugger = int8_debugger(model, image_size, calibration, float_ops)
+    if float_layers:  # names are read from the calibrated model
+        debugger.options = float_options(float_ops, layer_tensors(debugger.calibrated_model, float_layers))
     return debugger.get_nondebug_quantized_model()
 
 
@@ -226,9 +225,10 @@ def compare(labels: np.ndarray, reference: np.ndarray, proba: np.ndarray, size_b
     }
 
 
-def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarray, test_images: np.ndarray,
-           test_labels: np.ndarray, params: ExportParams, decision: Decision) -> tuple[dict[str, bytes], dict]:
-    """Convert to both formats and score everything on test: ({format: file bytes}, metrics).
+def export(model, model_size: int, calibration: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+           params: ExportParams, decision: Decision) -> tuple[dict[str, bytes], dict]:
+    """Convert to both formats (int8 calibrated on `calibration`) and score everything on test:
+    ({format: file bytes}, metrics).
 
     Every model goes through the stored decision rule (inference.predict_proba with its test-time
     flips, then inference.corrected): the files are compared as users get their answers, and the
@@ -241,8 +241,6 @@ def export(model, model_size: int, train_images: np.ndarray, train_ids: np.ndarr
     if unknown:
         raise StageError(f"export.int8_float_layers: the model has no layer {unknown[0]!r} (Keras layer names, "
                          f"e.g. conv_pw_1)")
-    calibration = representative_sample(real_images(train_images, train_ids), params.representative_images,
-                                        params.seed)
     reference = corrected(predict_proba(model, test_images, decision.tta, params.batch_size), decision.class_bias)
     metrics = {
         "representative_images": int(len(calibration)),
@@ -278,11 +276,10 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
     if tuple(model.input_shape[1:]) != (size, size, 3):
         raise StageError(f"{model_path} takes {model.input_shape[1:]}, but {data_dir} holds {size}x{size} images "
                          f"(re-run: dvc repro train)")
-    decision = Decision.load(Path(decision_path))
-    train_images, _, train_ids = read_shards(data_dir, "train")
+    decision = load_decision(Path(decision_path))
+    calibration, _ = sample_images(data_dir, "train", params.representative_images, params.seed)
     test_images, test_labels, _ = read_shards(data_dir, "test")
-    files, metrics = export(model, model_path.stat().st_size, train_images, train_ids, test_images, test_labels,
-                            params, decision)
+    files, metrics = export(model, model_path.stat().st_size, calibration, test_images, test_labels, params, decision)
     for name, data in files.items():
         atomic_write_bytes(Path(out_dir) / f"model_{name}.tflite", data)
     atomic_write_json(Path(metrics_path), metrics)

@@ -4,10 +4,11 @@ Reads data/augmented (train and val) and params.yaml's `train`; writes models/mo
 (atomically) and metrics/train/ (DVCLive: per-epoch curves; metrics.json holds the saved model's
 validation scores under `eval`). The test split is never read. The model takes RGB pixels 0..255
 at augment's image size and scales them itself, so train, evaluate and predict cannot drift. Every
-training image of every class gets one random transform per epoch (`augmentation`), a stateless
-function of (seed, epoch, batch). No epoch is picked: the learning rate warms up, then decays on a
-cosine, and the saved weights are the mean of the last `average_last_epochs` epochs. ImageNet
-weights come through Keras's download cache (~/.keras/models/, or $KERAS_HOME/models/).
+training example (an image, as often as augment's plan lists it) gets one random transform per
+epoch (`augmentation`), a stateless function of (seed, epoch, batch). No epoch is picked: the
+learning rate warms up, then decays on a cosine, and the saved weights are the mean of the last
+`average_last_epochs` epochs. ImageNet weights come through Keras's download cache
+(~/.keras/models/, or $KERAS_HOME/models/).
 Invariant: seeded end to end with op determinism: same params and CPU, same weights.
 Why: one epoch's validation score is too noisy to choose on (docs/experiments.md).
 """
@@ -38,19 +39,9 @@ IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
-# On-line augmentation: ranges and formulas (plain arithmetic: experiments/sweep_jax.py applies
-# them to keras.ops tensors, train to TensorFlow tensors, tests to numpy arrays)
+# On-line augmentation: formulas (plain arithmetic: experiments/sweep_jax.py applies them to
+# keras.ops tensors, train to TensorFlow tensors, tests to numpy arrays)
 # --------------------------------------------------------------------------------------------
-def check_ranges(rotation_degrees: float, shift_fraction: float, zoom_fraction: float, brightness: float,
-                 contrast: float) -> None:
-    """Raise ValueError naming the first setting outside what the transforms can do."""
-    in_range("rotation_degrees", rotation_degrees, 0, 180)  # +-180 covers every angle
-    in_range("shift_fraction", shift_fraction, 0, 0.5)       # of the side: the centre stays in view
-    in_range("zoom_fraction", zoom_fraction, 0, 0.5, hi_open=True)  # scale 1 +- this stays > 0.5
-    in_range("brightness", brightness, 0, 0.9)               # multipliers stay > 0
-    in_range("contrast", contrast, 0, 0.9)
-
-
 def contrast_then_brightness(pixels, mean, contrast, brightness):
     """Contrast about the image's mean grey level `mean` (keeps its colour balance), then brightness.
 
@@ -80,8 +71,8 @@ class Augmentation:
 
     Geometry is one affine resampling with mirrored margins (dermoscopy has no "up"); colour is
     a per-channel gain (another white balance: dermatoscopes and cameras differ), then contrast
-    about the image's mean grey level, then brightness (`check_ranges`, `affine_about_centre`,
-    `contrast_then_brightness`).
+    about the image's mean grey level, then brightness (`affine_about_centre`,
+    `contrast_then_brightness`). Each range is what the transforms can do (__post_init__).
     """
 
     flip: bool                    # random horizontal and vertical flips
@@ -94,8 +85,11 @@ class Augmentation:
     white_balance: float = 0.0    # each channel's multiplier uniform in 1 +- this, drawn apart (0: none)
 
     def __post_init__(self) -> None:
-        check_ranges(self.rotation_degrees, self.shift_fraction, self.zoom_fraction, self.brightness,
-                     self.contrast)
+        in_range("rotation_degrees", self.rotation_degrees, 0, 180)  # +-180 covers every angle
+        in_range("shift_fraction", self.shift_fraction, 0, 0.5)       # of the side: the centre stays in view
+        in_range("zoom_fraction", self.zoom_fraction, 0, 0.5, hi_open=True)  # scale 1 +- this stays > 0.5
+        in_range("brightness", self.brightness, 0, 0.9)               # multipliers stay > 0
+        in_range("contrast", self.contrast, 0, 0.9)
         in_range("photo_aspect", self.photo_aspect, 0.25, 4)
         in_range("white_balance", self.white_balance, 0, 0.9)  # multipliers stay > 0
 

@@ -1,6 +1,7 @@
 """Tests of stages/augment.py on tiny splits made here: 40x30 JPEGs (4:3 like HAM10000) to 32x32."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from stages.augment import AugmentParams
 from stages.lib.cli import ParamError, StageError
 from stages.lib.dataset import LABELS
 from stages.lib.images import load_image
-from stages.lib.shards import read_index, read_shards
+from stages.lib.shards import read_images, read_index, read_shards, write_shards
 from tests.fixtures import declare_size
 
 PARAMS = {
@@ -82,26 +83,23 @@ def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
 
 
-def source_id(image_id: str) -> str:
-    return image_id.split("+aug")[0]
-
-
-def test_shards_round_trip_through_read_shards(project):
+def test_shards_round_trip_through_read_images_and_read_shards(project):
     out = project.run()
     index = read_index(out)
     assert index["image_size"] == 32 and index["seed"] == 7
-    assert index["splits"]["train"]["shards"] == ["train-000.npz", "train-001.npz", "train-002.npz",
-                                                  "train-003.npz"]  # 14 images, 4 a shard
+    # 10 real train images, 4 a shard; 14 examples in the plan
+    assert index["splits"]["train"]["shards"] == ["train-000.npz", "train-001.npz", "train-002.npz"]
+    assert index["splits"]["train"]["plan"] == "train-plan.npy"
     for split in ("train", "val", "test"):
-        images, labels, ids = read_shards(out, split)
+        images, labels, ids = read_images(out, split)
         entry = index["splits"][split]
         assert images.shape == (entry["images"], 32, 32, 3) and images.dtype == np.uint8
         assert labels.dtype == np.int64 and ids.dtype.kind == "U"
         assert len(labels) == len(ids) == entry["images"] == sum(entry["class_counts"].values())
-        assert entry["stored_images"] == len(np.unique(images, axis=0))
+        assert len(set(ids)) == len(ids) == len(np.unique(images, axis=0)), "each image stored once"
         for name in entry["shards"]:
             with np.load(out / name) as shard:
-                assert len(shard["labels"]) <= PARAMS["shard_images"]
+                assert len(shard["images"]) == len(shard["labels"]) <= PARAMS["shard_images"]
 
 
 @pytest.mark.parametrize("real, target, cap, added", [
@@ -110,21 +108,30 @@ def test_shards_round_trip_through_read_shards(project):
     (3, 5, 3, 2),   # up to the target
     (1, 5, 3, 2),   # capped at 3 x 1
     (2, 10, 1, 0),  # max_copies_per_image 1 turns oversampling off
-    (0, 5, 3, 0),   # nothing to copy
+    (0, 5, 3, 0),   # nothing to repeat
 ])
 def test_oversampling_rule(real, target, cap, added):
     params = AugmentParams(**{**PARAMS, "target_per_class": target, "max_copies_per_image": cap})
-    assert augment.copies_to_add(real, params) == added
+    assert augment.repeats_to_add(real, params) == added
 
 
-def test_minority_classes_reach_the_target_within_the_copy_cap(project):
+def test_storage_plan_stores_each_image_where_its_own_example_is_read():
+    """Jobs a (1 repeat), b (none), c (2 repeats): examples a0 a1 b0 c0 c1 c2 (0-5), read in the
+    order 4 2 0 5 3 1. The images' own examples a0, b0, c0 are read 3rd, 2nd and 5th: b, a, c are
+    stored in rows 0, 1, 2, and the plan is the row of each example read: c b a c c a."""
+    jobs = [augment.Job(name, Path(f"{name}.jpg"), 0, repeats) for name, repeats in (("a", 1), ("b", 0), ("c", 2))]
+    rows, plan = augment.storage_plan(jobs, np.array([4, 2, 0, 5, 3, 1]))
+    assert rows.tolist() == [1, 0, 2]
+    assert plan.tolist() == [2, 0, 1, 2, 2, 1]
+
+
+def test_minority_classes_reach_the_target_within_the_repeat_cap(project):
     out = project.run()
     train = read_index(out)["splits"]["train"]
     none = dict.fromkeys(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0)
-    assert train["class_counts"] == {**none, "df": 3, "mel": 5, "nv": 6}
-    assert train["augmented"] == {**none, "df": 2, "mel": 2}
+    assert train["class_counts"] == {**none, "df": 1, "mel": 3, "nv": 6}, "the real images"
     _, labels, _ = read_shards(out, "train")
-    assert np.bincount(labels, minlength=7).tolist() == list(train["class_counts"].values())
+    assert np.bincount(labels, minlength=7).tolist() == list({**none, "df": 3, "mel": 5, "nv": 6}.values())
 
 
 def test_val_and_test_are_only_resized_in_csv_order(project):
@@ -136,32 +143,35 @@ def test_val_and_test_are_only_resized_in_csv_order(project):
         assert labels.tolist() == table["label"].tolist()
         for image, image_id in zip(images, ids):
             np.testing.assert_array_equal(image, project.source(image_id))
-        assert not any(read_index(out)["splits"][split]["augmented"].values())
+        assert "plan" not in read_index(out)["splits"][split] and not (out / f"{split}-plan.npy").exists()
 
 
-def test_copies_are_the_resized_real_image_with_its_label_stored_once(project):
-    images, labels, ids = read_shards(project.run(), "train")
-    copies = [i for i in ids if "+aug" in i]
-    assert len(copies) == 4  # mel 3 -> 5, df 1 -> 3
+def test_train_reads_each_image_once_plus_its_repeats_with_its_pixels_and_label(project):
+    out = project.run()
+    images, labels, ids = read_shards(out, "train")
+    assert len(ids) == 14 and read_index(out)["splits"]["train"]["images"] == 10  # mel 3 -> 5, df 1 -> 3
+    assert set(ids) == set(project.tables["train"]["image_id"]), "every real image, no other id"
     for image, label, image_id in zip(images, labels, ids):
-        assert label == project.label_of(source_id(image_id))
-        np.testing.assert_array_equal(image, project.source(source_id(image_id)))
-    train = read_index(project.root / "out")["splits"]["train"]
-    assert train["stored_images"] == len(ids) - len(copies)  # a repeat is stored once, with its source
+        assert label == project.label_of(image_id)
+        np.testing.assert_array_equal(image, project.source(image_id))
+    reads = pd.Series(ids).value_counts()
+    df = project.tables["train"].query("dx == 'df'")["image_id"].item()
+    assert reads[df] == 3 and sorted(reads[reads.index != df]) == [1] * 7 + [2, 2]  # mel: 2 of 3 repeated
 
 
 def test_sources_are_used_about_equally(project):
     _, _, ids = read_shards(project.run(target_per_class=8, max_copies_per_image=10), "train")
     mel = set(project.tables["train"].query("dx == 'mel'")["image_id"])
-    sources = [source_id(i) for i in ids if "+aug" in i and source_id(i) in mel]
-    uses = pd.Series(sources).value_counts()
-    assert sorted(uses) == [1, 2, 2]  # 5 copies of 3 images
+    reads = pd.Series([i for i in ids if i in mel]).value_counts()
+    assert sorted(reads) == [2, 3, 3]  # each read once, plus 5 repeats over 3 images
 
 
-def test_train_is_shuffled_once(project):
-    _, _, ids = read_shards(project.run(), "train")
-    assert ids.tolist() != sorted(ids.tolist(), key=lambda i: ("+aug" in i, i))
-    assert ids.tolist()[:10] != project.tables["train"]["image_id"].tolist()
+def test_train_is_shuffled_once_and_stored_in_that_order(project):
+    out = project.run()
+    stored = read_images(out, "train")[2].tolist()
+    _, _, ids = read_shards(out, "train")
+    assert stored != project.tables["train"]["image_id"].tolist() and stored != sorted(stored)
+    assert ids.tolist() != stored and len(set(ids.tolist()[:len(stored)])) < len(stored), "repeats are mixed in"
 
 
 def test_same_inputs_give_identical_bytes_at_any_time_with_any_worker_count(project, monkeypatch):
@@ -179,10 +189,48 @@ def test_another_seed_changes_which_images_repeat_and_the_order_not_the_pixels(p
     runs = [read_shards(project.run(f"seed{seed}", seed=seed), "train") for seed in (7, 8)]
     for images, _, ids in runs:
         for image, image_id in zip(images, ids):
-            np.testing.assert_array_equal(image, project.source(source_id(image_id)))
-    sources = [sorted(source_id(i) for i in ids if "+aug" in i) for _, _, ids in runs]
-    assert sources[0] != sources[1]  # seeds 7 and 8 copy other mel images (df has one: always it)
+            np.testing.assert_array_equal(image, project.source(image_id))
+    repeated = [sorted(pd.Series(ids).value_counts().loc[lambda n: n > 1].index) for _, _, ids in runs]
+    assert repeated[0] != repeated[1]  # seeds 7 and 8 repeat other mel images (df has one: always it)
     assert runs[0][2].tolist() != runs[1][2].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The shard contract (stages/lib/shards.py): a plan reads stored images, checked on reading.
+# --------------------------------------------------------------------------------------------
+def write_split(folder: Path, images: np.ndarray, plan: np.ndarray | None, shard_images: int = 2) -> None:
+    labels = np.arange(len(images)) % 7
+    ids = np.array([f"ISIC_{k:07d}" for k in range(len(images))])
+    shards, plan_file = write_shards(folder, "train", images, labels, ids, shard_images, plan)
+    entry = {"images": len(images), "shards": shards, **({"plan": plan_file} if plan_file else {})}
+    (folder / "index.json").write_text(json.dumps({"image_size": images.shape[1], "seed": 0,
+                                                   "splits": {"train": entry}}))
+
+
+def test_read_shards_reads_the_stored_images_in_plan_order(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    write_split(tmp_path, images, np.array([2, 0, 2, 1, 2]))
+    read, labels, ids = read_shards(tmp_path, "train")
+    np.testing.assert_array_equal(read, images[[2, 0, 2, 1, 2]])
+    assert labels.tolist() == [2, 0, 2, 1, 2] and ids.tolist() == [f"ISIC_{k:07d}" for k in (2, 0, 2, 1, 2)]
+    np.testing.assert_array_equal(read_images(tmp_path, "train")[0], images)
+    write_split(tmp_path, images, None)
+    np.testing.assert_array_equal(read_shards(tmp_path, "train")[0], images)  # no plan: stored order
+
+
+@pytest.mark.parametrize("plan, problem", [
+    (np.array([0, 3]), "not a list of rows of the 3 stored train images"),
+    (np.array([-1, 0]), "not a list of rows of the 3 stored train images"),
+    (np.array([[0, 1]]), "not a list of rows of the 3 stored train images"),
+    (np.array([0.0, 1.0]), "not a list of rows of the 3 stored train images"),
+    (b"not a plan", "unreadable plan"),
+], ids=["past-the-end", "negative", "2-d", "float", "garbage"])
+def test_a_damaged_plan_is_an_error_naming_it(tmp_path, plan, problem):
+    write_split(tmp_path, np.zeros((3, 4, 4, 3), np.uint8), np.array([0, 1]))
+    with open(tmp_path / "train-plan.npy", "wb") as f:
+        f.write(plan) if isinstance(plan, bytes) else np.save(f, plan)
+    with pytest.raises(StageError, match=rf"train-plan.npy: {problem}.*dvc repro augment"):
+        read_shards(tmp_path, "train")
 
 
 @pytest.mark.parametrize("key, value", [
@@ -221,7 +269,8 @@ def test_label_that_disagrees_with_dx_is_an_error(project):
 
 
 # --------------------------------------------------------------------------------------------
-# Faults (issue 4): odd colour modes, damaged files, params; a failed run keeps the old output.
+# Faults (issue 4): odd colour modes, damaged files, params; a failed direct run keeps the old output
+# (under dvc repro there is none: DVC deletes a stage's outputs before it runs it).
 # --------------------------------------------------------------------------------------------
 def test_greyscale_and_cmyk_jpegs_become_rgb_on_the_one_loading_path(project):
     grey_id, cmyk_id = project.tables["train"]["image_id"][:2]
@@ -258,8 +307,8 @@ def test_damaged_image_stops_the_stage_naming_file_and_why(project, damage, why)
 
 def test_target_below_the_class_size_keeps_every_real_image_and_says_so(project, caplog):
     caplog.set_level(logging.INFO, logger="stages.augment")
-    counts = read_index(project.run(target_per_class=2))["splits"]["train"]["class_counts"]
-    assert (counts["nv"], counts["mel"], counts["df"]) == (6, 3, 2)  # never fewer than the real images
+    counts = np.bincount(read_shards(project.run(target_per_class=2), "train")[1], minlength=7)
+    assert (counts[LABELS["nv"]], counts[LABELS["mel"]], counts[LABELS["df"]]) == (6, 3, 2)  # never fewer than real
     assert "train nv: 6 real images, at or above target_per_class 2: not augmented" in caplog.messages
     assert "train mel: 3 real images, at or above target_per_class 2: not augmented" in caplog.messages
 

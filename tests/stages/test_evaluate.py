@@ -130,6 +130,18 @@ def test_bootstrap_resamples_lesion_groups_not_images():
     assert evaluate.balanced_accuracy_ci(labels, labels, np.arange(4), 200, seed=1) == (1.0, 1.0)
 
 
+def test_interval_is_the_central_95_percent_of_the_bootstrap_distribution():
+    """One class, 40 lesions of one image each, 20 right: a bootstrap sample's balanced accuracy is
+    X / 40, X ~ Binomial(40, 1/2) (the draws that land on a right lesion). By hand, P(X <= 13) =
+    0.019 and P(X <= 14) = 0.040, so the 2.5th percentile is 14 / 40 (the 5th: 15 / 40, as
+    P(X <= 15) = 0.077); by symmetry the 97.5th is 26 / 40 (the 95th: 25 / 40). With 20,000
+    samples the empirical quantiles sit well inside those steps."""
+    labels = np.full(40, 4)
+    predicted = np.where(np.arange(40) < 20, 4, 5)
+    low, high = evaluate.balanced_accuracy_ci(labels, predicted, np.arange(40), 20_000, seed=3)
+    assert (low, high) == (14 / 40, 26 / 40)
+
+
 def test_melanoma_threshold_reaches_the_target_sensitivity_on_the_images_it_was_chosen_on():
     rng = np.random.default_rng(0)
     labels = np.array([4] * 40 + [5] * 160)
@@ -191,6 +203,25 @@ def write_split_csvs(folder, shards):
     return folder
 
 
+NON_LESIONS = (("blank", (40, 30), "white"), ("blank", (20, 20), "black"), ("noise", (50, 40), None),
+               ("photo crop", (30, 60), None))
+
+
+def write_non_lesions(folder):
+    """A non_lesions folder as the stage writes it: PNGs of any size, index.csv (file, kind)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng, rows = np.random.default_rng(5), ["file,kind"]
+    for k, (kind, size, colour) in enumerate(NON_LESIONS):
+        image = Image.new("RGB", size, colour) if colour else Image.fromarray(
+            rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        image.save(folder / f"{k}.png")
+        rows.append(f"{k}.png,{kind}")
+    (folder / "index.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """evaluate run once on tiny shards with a tiny model: (folder, its inputs)."""
@@ -203,7 +234,7 @@ def evaluated(tmp_path_factory):
     split_dir = write_split_csvs(tmp / "split", shards)
     paths = {"params_path": params, "data_dir": shards, "split_dir": split_dir, "model_path": tmp / "model.keras",
              "decision_path": tmp / "models" / "decision.json", "ood_path": tmp / "models" / "ood.npz",
-             "metrics_dir": tmp / "metrics"}
+             "metrics_dir": tmp / "metrics", "non_lesions_dir": write_non_lesions(tmp / "non_lesions")}
     evaluate.main(**paths)
     return tmp, paths
 
@@ -235,8 +266,23 @@ def test_main_writes_val_and_test_metrics_plots_and_the_decision(evaluated):
                                "temperature": decision.temperature}
     assert "decision" not in test and "out_of_distribution" not in val
     ood = test["out_of_distribution"]
-    assert ood["method"] == "mahalanobis" and ood["non_lesion_images"] > 50
+    assert ood["method"] == "mahalanobis" and ood["non_lesion_images"] == len(NON_LESIONS)
     assert 0 <= ood["lesions_accepted"] <= 1 and 0 <= ood["non_lesion_rejected"] <= 1
+
+
+def test_the_unknown_threshold_keeps_at_least_ood_keep_of_the_validation_lesions(evaluated):
+    """28 validation images, ood_keep 0.9: 0.9 x 28 = 25.2, so at least 26 must be kept (25 would
+    be 0.893)."""
+    import keras
+
+    from stages.lib.shards import read_shards
+
+    _, paths = evaluated
+    images, _, _ = read_shards(paths["data_dir"], "val")
+    decision = load_decision(paths["decision_path"])
+    kept = Predictor(keras.saving.load_model(paths["model_path"]), decision, 8).judge(images).in_distribution
+    assert len(kept) == 28 and EVALUATE["ood_keep"] == decision.ood.keep == 0.9
+    assert kept.sum() >= 26 and kept.mean() >= 0.9
 
 
 def test_every_headline_figure_is_a_scalar_dvc_can_diff(evaluated):
@@ -295,17 +341,34 @@ def test_reliability_table_has_both_curves_and_the_shown_ece(evaluated):
             read_metrics(tmp, "test")["calibration"][key], abs=1e-3)  # the CSV is rounded
 
 
-def test_non_lesion_table_lists_every_kind(evaluated):
+def test_non_lesion_figures_are_predictors_answers_on_the_folders_files(evaluated):
+    """Each file as predict reads it (load_image at the model's size); the table lists the index's
+    kinds in its order, with their images and the share answered "unknown"."""
+    import keras
     import pandas as pd
 
-    from stages.lib.non_lesions import KINDS
+    from stages.lib.images import load_image
 
-    table = pd.read_csv(evaluated[0] / "metrics" / "plots" / "test" / "non_lesions.csv")
-    assert list(table["kind"]) == list(KINDS)
-    ood = read_metrics(evaluated[0], "test")["out_of_distribution"]
-    assert table["images"].sum() == ood["non_lesion_images"]
-    assert (table["images"] * table["rejected"]).sum() / table["images"].sum() == pytest.approx(
-        ood["non_lesion_rejected"], abs=1e-3)
+    tmp, paths = evaluated
+    folder = paths["non_lesions_dir"]
+    images = np.stack([load_image(folder / f"{k}.png", 32) for k in range(len(NON_LESIONS))])
+    predictor = Predictor(keras.saving.load_model(paths["model_path"]), load_decision(paths["decision_path"]), 8)
+    rejected = (~predictor.judge(images).in_distribution).astype(float)
+    table = pd.read_csv(tmp / "metrics" / "plots" / "test" / "non_lesions.csv")
+    assert table["kind"].tolist() == ["blank", "noise", "photo crop"] and table["images"].tolist() == [2, 1, 1]
+    assert table["rejected"].tolist() == pytest.approx([rejected[:2].mean(), rejected[2], rejected[3]], abs=1e-4)
+    ood = read_metrics(tmp, "test")["out_of_distribution"]
+    assert ood["non_lesion_rejected"] == rejected.mean() and ood["non_lesion_images"] == 4
+
+
+def test_a_missing_or_empty_non_lesion_index_is_an_error_naming_it(tmp_path):
+    from stages.lib.cli import StageError
+
+    with pytest.raises(StageError, match=r"non_lesions/index.csv: not found"):
+        evaluate.read_non_lesions(tmp_path / "non_lesions", 32)
+    (tmp_path / "index.csv").write_text("file,kind\n")
+    with pytest.raises(StageError, match=r"index.csv: lists no image \(re-run: dvc repro non_lesions\)"):
+        evaluate.read_non_lesions(tmp_path, 32)
 
 
 def test_score_test_false_never_reads_test_and_says_so(evaluated, tmp_path):

@@ -13,7 +13,7 @@ from stages.lib.cli import ParamError, StageError
 from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision, predict_proba
 from stages.lib.params import load_params
-from stages.lib.shards import read_shards
+from stages.lib.shards import read_images, read_shards, sample_images, sample_rows
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model
@@ -22,16 +22,16 @@ EXPORT = {"representative_images": 500, "seed": 3, "batch_size": 16,  # 16: the 
           "latency_runs": 3}
 
 
-def mark_synthetic_copies(shards: Path) -> None:
-    """Rename every third training image of each shard 'ISIC_x+aug1', as augment names its copies."""
-    for path in sorted(shards.glob("train-*.npz")):
-        with np.load(path) as z:
-            arrays = dict(z)
-        ids = arrays["image_ids"].astype(object)
-        ids[2::3] = [f"{i}+aug1" for i in ids[2::3]]
-        arrays["image_ids"] = ids.astype(str)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+def repeat_training_images(shards: Path) -> int:
+    """Give train a plan, as augment writes one, that reads every image and repeats every third
+    once more; returns the number of examples train would read."""
+    index = json.loads((shards / "index.json").read_text())
+    stored = index["splits"]["train"]["images"]
+    plan = np.concatenate([np.arange(stored), np.arange(0, stored, 3)])
+    np.save(shards / "train-plan.npy", plan)
+    index["splits"]["train"]["plan"] = "train-plan.npy"
+    (shards / "index.json").write_text(json.dumps(index))
+    return len(plan)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def exported(tmp_path_factory) -> Path:
     """One run of the stage on tiny shards and a tiny model (conversion takes seconds)."""
     folder = tmp_path_factory.mktemp("export")
     shards = make_shards(folder / "augmented")
-    mark_synthetic_copies(shards)
+    repeat_training_images(shards)
     tiny_model(read_shards(shards, "train")[0]).save(folder / "model.keras")
     params = write_params(folder / "params.yaml", export=EXPORT)
     Decision("flips", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
@@ -48,22 +48,22 @@ def exported(tmp_path_factory) -> Path:
     return folder
 
 
-def test_representative_sample_is_seeded_distinct_and_capped():
-    images = np.arange(50)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    sample = export.representative_sample(images, 10, seed=7)
-    np.testing.assert_array_equal(sample, export.representative_sample(images, 10, seed=7))
-    assert len({int(i[0, 0, 0]) for i in sample}) == 10
-    assert not np.array_equal(sample, export.representative_sample(images, 10, seed=8))
-    assert len(export.representative_sample(images, 500, seed=7)) == 50
+def test_the_calibration_sample_is_seeded_distinct_capped_and_in_stored_order():
+    rows = sample_rows(50, 10, seed=7)
+    # the draws export and evaluate made before they shared the one function
+    assert rows.tolist() == [2, 10, 15, 26, 29, 35, 38, 39, 44, 46]
+    assert rows.tolist() == sample_rows(50, 10, seed=7).tolist() != sample_rows(50, 10, seed=8).tolist()
+    assert len(set(rows.tolist())) == 10 and rows.tolist() == sorted(rows.tolist())
+    assert sample_rows(50, 500, seed=7).tolist() == list(range(50)), "all of them when there are fewer"
 
 
 def test_both_files_are_written_smaller_and_checked_on_test(exported):
     metrics = json.loads((exported / "metrics" / "export.json").read_text())
     keras_size = (exported / "model.keras").stat().st_size
     assert "test_images" not in metrics, "image counts live in metrics/data.json"
-    ids = read_shards(exported / "augmented", "train")[2]
-    real = sum("+aug" not in i for i in ids)
-    assert 0 < real < len(ids) and metrics["representative_images"] == real, "calibrated on real images only"
+    stored = len(read_images(exported / "augmented", "train")[0])
+    assert stored < len(read_shards(exported / "augmented", "train")[0]), "train's plan repeats images"
+    assert metrics["representative_images"] == stored, "calibrated on each real image once"
     assert (metrics["keras"]["agreement"], metrics["keras"]["size_bytes"]) == (1.0, keras_size)
     assert set(metrics["keras"]) == {"balanced_accuracy", "agreement", "size_bytes"}
     for name in ("float16", "int8"):
@@ -170,12 +170,14 @@ def test_missing_model_and_size_mismatch_are_clear_errors(exported, tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_calibration_uses_real_training_images_only():
-    images = np.arange(6)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    ids = np.array(["ISIC_1", "ISIC_1+aug1", "ISIC_2", "ISIC_2+aug3", "ISIC_3+aug1", "ISIC_4"])
-    assert [int(i[0, 0, 0]) for i in export.real_images(images, ids)] == [0, 2, 5]
-    with pytest.raises(StageError, match="no real training image"):
-        export.real_images(images[1:2], ids[1:2])
+def test_calibration_draws_from_the_stored_images_not_from_what_train_reads(exported):
+    """The sample is the evaluate's sample (shards.sample_images): rows of the stored images,
+    each at most once, whatever train's plan repeats."""
+    images, labels, _ = read_images(exported / "augmented", "train")
+    sample, sample_labels = sample_images(exported / "augmented", "train", 10, seed=3)
+    rows = sample_rows(len(images), 10, seed=3)
+    np.testing.assert_array_equal(sample, images[rows])
+    np.testing.assert_array_equal(sample_labels, labels[rows])
 
 
 def test_int8_with_float_ops_keeps_those_ops_float_and_the_rest_integer(tmp_path):
@@ -217,11 +219,11 @@ def test_int8_float_layers_must_be_layers_of_the_model(exported, tmp_path):
     import keras
 
     model = keras.saving.load_model(exported / "model.keras")
-    images, labels, ids = read_shards(exported / "augmented", "train")
+    images, labels, _ = read_shards(exported / "augmented", "train")
     params = export.ExportParams(**{**EXPORT, "int8_float_layers": ["conv_pw_1", "conv_pw_99"]})
     decision = Decision("none", (0.0,) * len(CLASSES), 0.0, 1.0, 1.0)
     with pytest.raises(StageError, match="export.int8_float_layers: the model has no layer 'conv_pw_99'"):
-        export.export(model, 1, images, ids, images[:2], labels[:2], params, decision)
+        export.export(model, 1, images, images[:2], labels[:2], params, decision)
     with pytest.raises(StageError, match="no TFLite tensor comes from layer 'conv_pw_99'"):
         export.layer_tensors(export.to_float16(model, 32), ("conv_pw_99",))
     assert len(export.layer_tensors(export.to_float16(model, 32), ("conv_pw_1",))) >= 1

@@ -1,21 +1,25 @@
-"""Images that are not dermoscopy, made in code: what the "unknown" answer must catch.
+"""Stage `non_lesions`: images that are not dermoscopy, made in code: what "unknown" must catch.
 
-`non_lesion_images(size)` draws, seeded and the same on every run, photos and crops of photos
+Writes data/non_lesions/: one PNG per image at its natural size, and index.csv (file, kind) in
+the order they are made. Seeded, the same on every run: photos and crops of photos
 (scikit-learn's sample photos china.jpg and flower.jpg), screenshots with windows, buttons and
-text, icons, text pages, blank images, noise, gradients and plain skin without a lesion, each at
-its natural size and then through images.resize_square, the resize every file gets.
-They only measure the out-of-distribution detector (share rejected, per kind); nothing is chosen
-on them, so the figure says how well it does on images it was not tuned for.
+text, icons, text pages, blank images, noise, gradients and plain skin without a lesion.
+`evaluate` reads each file as predict would (images.load_image: decoded, resized to the model's
+input) and reports the share its out-of-distribution detector rejects, per kind; nothing is
+chosen on them, so the figure says how well it does on images it was not tuned for.
 Measurements: docs/experiments.md, "Calibration and out-of-distribution".
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from stages.lib.images import resize_square
+from stages.lib.cli import run_stage
+from stages.lib.files import atomic_dir, atomic_write_text
 
+SEED = 0  # each kind k draws from numpy's default_rng([SEED, k])
 KINDS = ("photo", "photo crop", "screenshot", "icon", "document", "blank", "noise", "gradient", "skin")
 WORDS = ("the", "model", "settings", "account", "report", "invoice", "total", "open", "save", "cancel", "file",
          "page", "search", "results", "profile", "help", "date", "name", "amount", "next", "back", "images")
@@ -179,11 +183,31 @@ MAKERS: dict[str, Callable[[np.random.Generator], list]] = {
     "document": documents, "blank": blanks, "noise": noise, "gradient": gradients, "skin": skin}
 
 
-def non_lesion_images(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, size, size, 3), kind of each image), the same for the same size and seed."""
+def non_lesion_images() -> tuple[list, list[str]]:
+    """(RGB PIL images at their natural size, kind of each), the same on every run."""
     made, kinds = [], []
     for k, kind in enumerate(KINDS):
-        for img in MAKERS[kind](np.random.default_rng([seed, k])):
-            made.append(resize_square(img.convert("RGB"), size))
+        for img in MAKERS[kind](np.random.default_rng([SEED, k])):
+            made.append(img.convert("RGB"))
             kinds.append(kind)
-    return np.stack(made), np.array(kinds)
+    return made, kinds
+
+
+def file_name(kind: str, number: int) -> str:
+    return f"{kind.replace(' ', '-')}-{number:02d}.png"
+
+
+def main(out_dir: Path = Path("data/non_lesions")) -> None:
+    images, kinds = non_lesion_images()
+    rows, numbers = ["file,kind"], dict.fromkeys(KINDS, 0)
+    with atomic_dir(out_dir) as tmp:
+        for img, kind in zip(images, kinds):
+            name = file_name(kind, numbers[kind])
+            numbers[kind] += 1
+            img.save(tmp / name, format="PNG")
+            rows.append(f"{name},{kind}")
+        atomic_write_text(tmp / "index.csv", "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(main)
