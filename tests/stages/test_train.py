@@ -73,6 +73,18 @@ def test_balanced_class_weights_give_each_class_equal_total_weight():
     assert train.class_weights(labels, "none") is None
 
 
+def test_validation_loss_floors_probabilities_where_keras_does():
+    """Image 1 (class 0) gets p = 0.5, image 2 (class 1) gets p = 0: its log is taken at Keras's
+    epsilon 1e-7, as the training loss on the same plot, so the loss is (ln 2 + 7 ln 10) / 2."""
+    class Model:
+        def predict(self, images, batch_size, verbose):
+            return np.array([[0.5, 0.5, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]], np.float32)
+
+    scores = train.validation_scores(Model(), np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), 8)
+    assert scores["val_loss"] == pytest.approx((np.log(2) + 7 * np.log(10)) / 2, rel=1e-6)
+    assert (scores["val_accuracy"], scores["val_balanced_accuracy"]) == (0.5, 0.5)
+
+
 def test_epochs_are_scored_on_validation_and_the_last_epochs_weights_averaged():
     """Epoch 1 predicts `nv` everywhere (accuracy 0.8, balanced 0.5); epoch 2 finds both melanomas
     (accuracy 0.6, balanced 0.75). Every epoch is scored; the saved weights are the mean of the
