@@ -2,12 +2,12 @@
 
 Sources, by precedence: `download.local_dir` (a folder holding the files, or Kaggle's extracted
 copy); `HAM10000_MIRROR=<base URL>` (the same names, checked against its SHA256SUMS if it has one);
-the official release on Harvard Dataverse (native API). Downloads are retried (urllib3), resumed
-(Range) and verified into data/downloads/, a cache that is no DVC output. data/raw/ holds
-`images/ISIC_XXXXXXX.jpg` (flat), the metadata CSV and `source.json` (each file's size and sha256:
-no URL, so the same files give the same data/raw from any server; the source goes to
-data/downloads/source.json). Archive entries are checked (names, declared sizes, overlaps) before
-one is unpacked; data/raw is written whole or not at all. Faults and messages: docs/faults.md.
+the official release on Harvard Dataverse (native API). Downloads go through the environment's proxy
+if it names one, are retried (urllib3), resumed (Range) and verified into data/downloads/, a cache
+that is no DVC output. data/raw/ holds `images/ISIC_XXXXXXX.jpg` (flat), the metadata CSV and
+`source.json` (each file's size and sha256, no URL: the same files give the same data/raw from any
+server; the source goes to data/downloads/source.json). Archive entries are checked (names, sizes,
+overlaps) before one is unpacked; data/raw is written whole or not at all. Faults: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import shutil
 import stat
 import struct
 import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ SOURCE_FILE = "source.json"  # data/raw's: each file's size and sha256; data/dow
 MIRROR_ENV = "HAM10000_MIRROR"
 SUMS_FILE = "SHA256SUMS"
 USER_AGENT = "ham10000-pipeline/1.0 (+urllib3; stages/download.py)"
+DIRECT = urllib3.PoolManager()  # connections without a proxy, kept alive between requests
 CHUNK_BYTES = 1 << 20
 TRANSIENT_STATUSES = frozenset({429, *range(500, 600)})  # retried; any other error status is final
 MAX_REDIRECTS = 10  # Dataverse's access API redirects to its file store
@@ -105,8 +107,7 @@ def pin_checksums(name: str, pins: dict[str, str]) -> tuple[Checksum, ...]:
 def resolve_mirror(base: str, params: DownloadParams) -> list[Remote]:
     """Like a package-index mirror: the same names under another base URL, each checked against the
     mirror's SHA256SUMS (`sha256sum` output) where it lists it; SHA256SUMS itself is optional."""
-    sums_url = base + SUMS_FILE
-    text = fetch_bytes(sums_url, params, missing_ok=True)
+    text = fetch_bytes(sums_url := base + SUMS_FILE, params, missing_ok=True)
     if text is None:
         log.warning("%s: no %s (404): files are checked by their content and pins only", base, SUMS_FILE)
     lines = re.findall(r"^([0-9a-fA-F]{64}) [ *](.+?)\r?$", (text or b"").decode("utf-8", "replace"), re.M)
@@ -152,8 +153,7 @@ def resolve_dataverse(params: DownloadParams) -> list[Remote]:
 
 # ---- HTTP: urllib3 retries transient failures; a broken body resumes from the .part ----------
 class Retries(Retry):
-    """urllib3's Retry, with a warning before each retry and none for a host name that does not
-    resolve (no network: waiting will not help)."""
+    """urllib3's Retry, with a warning before each retry; none for a host name that does not resolve."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
         if isinstance(error, NameResolutionError):
@@ -175,6 +175,13 @@ def new_retries(params: DownloadParams) -> Retries:
                    backoff_factor=1)
 
 
+def connection_pool(url: str) -> urllib3.PoolManager:
+    """Through the proxy the environment names for `url` (https_proxy, http_proxy, no_proxy), else direct."""
+    scheme, host = urllib.parse.urlsplit(url).scheme, urllib.parse.urlsplit(url).hostname or ""
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(scheme)
+    return urllib3.ProxyManager(proxy) if proxy else DIRECT
+
+
 def request(url: str, params: DownloadParams, retries: Retries, what: str, offset: int = 0,
             preload: bool = False, missing_ok: bool = False) -> urllib3.BaseHTTPResponse:
     """GET `url` (from byte `offset`), retried by urllib3; StageError for a status that stays an
@@ -182,8 +189,8 @@ def request(url: str, params: DownloadParams, retries: Retries, what: str, offse
     served instead of `what`."""
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
-        response = urllib3.request("GET", url, headers=headers, retries=retries, timeout=params.timeout_s,
-                                   preload_content=preload, decode_content=False)
+        response = connection_pool(url).request("GET", url, headers=headers, retries=retries,
+                                                timeout=params.timeout_s, preload_content=preload, decode_content=False)
     except NameResolutionError as err:
         host, cause = urllib.parse.urlsplit(url).hostname, err.__cause__ or err
         raise StageError(f"{url}: cannot resolve host {host} ({getattr(cause, 'strerror', None) or cause}): "
@@ -301,8 +308,7 @@ def locate_local(folder: Path, params: DownloadParams) -> list[Path]:
 
 
 def gather(params: DownloadParams, mirror: str | None, cache: Path) -> tuple[list[Path], dict]:
-    """Every file of the release as a local path (a file, or a folder of images), and where they came
-    from (for data/downloads/source.json): the official, mirror or local source, its URL, DOI or folder."""
+    """Every file of the release as a local path (a file, or a folder of images), and its source."""
     if params.local_dir is not None:
         where = {"source": "local", "url": None, "doi": None, "local_dir": params.local_dir}
         return locate_local(Path(params.local_dir), params), where
@@ -338,8 +344,7 @@ def is_image(name: str) -> bool:
 
 
 def entry_problem(info: zipfile.ZipInfo, limits: DownloadParams) -> str | None:
-    """Why an entry names a path outside the target folder or a link, or (an image) declares more
-    than the limits allow, judged on the headers before a byte is inflated; or None."""
+    """Why an entry is a path outside the folder, a link, or an image over the limits; or None."""
     name = info.filename
     if name.startswith("/") or "\\" in name or re.match(r"^[A-Za-z]:", name):
         return "absolute path, drive letter or backslash"
@@ -358,8 +363,7 @@ def entry_problem(info: zipfile.ZipInfo, limits: DownloadParams) -> str | None:
 def plan_archive(infos: list[zipfile.ZipInfo], archive: Path, limits: DownloadParams,
                  archive_bytes: int) -> list[zipfile.ZipInfo]:
     """The image entries to take, or StageError naming the archive and the first bad entry. The declared
-    total is capped by max_total_bytes and by max_compression_ratio times the archive's own size
-    (entries that share compressed data each pass the per-entry ratio)."""
+    total is capped by max_total_bytes and by max_compression_ratio times the archive's size."""
     for info in infos:
         if problem := entry_problem(info, limits):
             raise StageError(f"{archive}: entry {info.filename!r} refused: {problem}")
@@ -376,10 +380,9 @@ def plan_archive(infos: list[zipfile.ZipInfo], archive: Path, limits: DownloadPa
 
 
 def layout_problem(f: BinaryIO, infos: list[zipfile.ZipInfo], central_directory: int) -> str | None:
-    """Why the entries' bytes are not disjoint, each local header and its data before the central
-    directory (overlapping entries inflate one stream many times: a bomb that passes every
-    per-entry check), or why a local header disagrees with the central directory on the method,
-    CRC or sizes (zipfile reads by the central directory alone); or None."""
+    """Why entries overlap or run into the central directory (overlaps inflate one stream many
+    times: a bomb that passes every per-entry check), or a local header disagrees with the central
+    directory on the method, CRC or sizes (zipfile reads the central directory alone); or None."""
     spans = []
     for info in infos:
         f.seek(info.header_offset)
@@ -405,8 +408,7 @@ def layout_problem(f: BinaryIO, infos: list[zipfile.ZipInfo], central_directory:
 
 
 def flat_name(entry_name: str) -> str:
-    """The file an image entry becomes in images/: its base name, with the suffix spelled `.jpg`
-    (ISIC_1.JPEG -> ISIC_1.jpg), the one layout every later stage reads (images.image_file)."""
+    """An image entry's file in images/: its base name, suffix `.jpg` (ISIC_1.JPEG -> ISIC_1.jpg)."""
     base = entry_name.rsplit("/", 1)[-1]
     return base[:base.rfind(".")] + ".jpg"
 

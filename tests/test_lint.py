@@ -1,4 +1,4 @@
-"""The code passes the linter configured in ruff.toml (ruff is pinned in requirements.txt)."""
+"""The code passes the linter configured in ruff.toml (ruff is pinned in requirements-dev.txt)."""
 from __future__ import annotations
 
 import re

@@ -35,7 +35,7 @@ FIGURES = {
                                                       "out_of_distribution.non_lesion_rejected"),
 }
 SEEDS_ROW = "same configuration, balanced accuracy over"  # "... over N seeds ..., mean ± sd": the records below
-SEED_RECORDS = ("experiments/results/white_balance_0.1_repro_seed42.intel.json",  # the committed run
+SEED_RECORDS = ("experiments/results/white_balance_0.1_repro_seed42.intel.json",  # seed 42 on the Intel (#57)
                 "experiments/results/white_balance_0.1_vs_zoom_0.2.intel.json")  # seeds 1 and 2
 SETUP_WORDS = {".", "pip"}  # the set-up lines' other commands: .ci/run runs them
 NUMBER = re.compile(r"\d+\.\d+")

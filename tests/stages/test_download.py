@@ -231,6 +231,24 @@ def test_mirror_download_extracts_images_and_caches(workdir, monkeypatch, sleeps
     assert raw_files() == expected_raw() and sleeps == []
 
 
+def test_a_proxy_named_in_the_environment_carries_every_request(workdir, monkeypatch, sleeps):
+    """Behind a proxy (http_proxy, as pip and curl read it), the mirror's host need not resolve here:
+    the server below stands in for the proxy and gets each request in absolute form."""
+    with FileServer(mirror_files()) as proxy:
+        monkeypatch.setenv(download.MIRROR_ENV, "http://mirror.invalid/")
+        for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        download.main()
+        assert raw_files() == expected_raw()
+        assert [proxy.count(name) for name in (P1, P2, META)] == [1, 1, 1]
+        assert proxy.requests and all(r.path in (P1, P2, META, download.SUMS_FILE) for r in proxy.requests)
+    monkeypatch.setenv("no_proxy", "mirror.invalid")  # bypassed: the host is looked up, and does not resolve
+    (CACHE / P1).unlink()
+    with pytest.raises(StageError, match="cannot resolve host mirror.invalid"):
+        download.main()
+
+
 def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
