@@ -14,7 +14,7 @@ from stages.lib import shards
 from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision
 from stages.lib.params import load_params
-from stages.lib.shards import read_shards
+from stages.lib.shards import read_shards, sample_rows
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model
@@ -54,7 +54,7 @@ def test_flipped_calibration_holds_the_same_sample_in_its_four_views():
     images = np.random.default_rng(0).integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
     plain = calibration_images(images, Candidate(images=5, float_ops=()), seed=1)
     flipped = calibration_images(images, Candidate(images=5, float_ops=(), views="flips"), seed=1)
-    np.testing.assert_array_equal(plain, export.representative_sample(images, 5, 1))
+    np.testing.assert_array_equal(plain, images[sample_rows(len(images), 5, 1)])
     assert len(flipped) == 20
     np.testing.assert_array_equal(flipped[:5], plain)
     np.testing.assert_array_equal(flipped[5:10], plain[:, :, ::-1])
