@@ -1,16 +1,21 @@
-"""Command `predict`: the most probable classes and the decision for each JPEG or PNG image file.
+"""Command `predict`: the most probable classes and the decision for each JPEG or PNG image.
 
-    python -m stages.predict [--model models/model.keras] [--decision models/decision.json] [--json] IMAGE...
+    python -m stages.predict [--model models/model.keras] [--decision FILE] [--json | --jsonl
+        [--output FILE [--resume]]] [--list FILE] [IMAGE_OR_FOLDER ...]
 
-Input: image files, the model and the decision rule evaluate stored beside it; output: a table,
-or with --json one JSON list, on stdout; nothing is written. A front end (arguments and output
-format) to stages/lib/prediction.py, which decodes each file as training did and answers through
-the stored rule; `stages.serve` answers through the same library. Invariant: a bad file (missing,
-a folder, another format, truncated, too large) gets its own error, an odd name is escaped
-(table: control characters; both: bytes that are not UTF-8), and the other images' results are
-always printed.
-Exit status: 0 all images predicted, 1 some image failed, 2 usage error (bad arguments, model or
-decision file: one line on stderr saying what to run). Cases and tests: docs/faults.md.
+Input: image files, folders (walked recursively for .jpg, .jpeg and .png files) and a file listing
+paths, with the model and the decision rule evaluate stored beside it. Output: a table, or with
+--json one JSON list, on stdout; with --jsonl one JSON object per image and line, written as each
+batch is done (memory stays bounded whatever the count), to stdout or --output FILE, which
+--resume continues. A front end (arguments and output format) to stages/lib/prediction.py, which
+decodes each file as training did and answers through the stored rule (`stages.serve` answers
+through the same library), and stages/lib/archive.py (inputs, JSON lines, resuming).
+Invariant: a bad file (missing, a folder, another format, truncated, too large) gets its own
+error, an odd name is escaped (table: control characters; all: bytes that are not UTF-8), and
+the other images' results are always given.
+Exit status: 0 all images predicted, 1 some image failed, 2 usage error (bad arguments, model,
+decision, list or output file: one line on stderr saying what to do), 130 interrupted (the lines
+written so far are whole). Cases and tests: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -21,14 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.lib import prediction
+from stages.lib import archive, prediction
 from stages.lib.cli import command_parser
 from stages.lib.dataset import CLASS_NAMES
 from stages.lib.prediction import FORMATS, NOTICE, SMALL_FRACTION, UsageError
 from stages.lib.text import printable
 
 EXIT_STATUS = ("exit status: 0 all images predicted; 1 some image failed (the others' results are still "
-               "printed); 2 usage error (bad arguments, model or decision file)")
+               "given); 2 usage error (bad arguments, model, decision, list or output file); 130 interrupted "
+               "(--jsonl: the lines written so far are whole, --resume continues)")
 
 
 def decision_text(result: dict[str, Any]) -> str:
@@ -79,16 +85,35 @@ def parse_args(argv: Sequence[str] | None):
         main, exit_status=EXIT_STATUS,
         description="Print the 3 most probable HAM10000 classes (dx code, name, probability) and the decision "
                     f"for each {' or '.join(FORMATS)} image. " + NOTICE)
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
+    parser.add_argument("images", nargs="*", metavar="IMAGE_OR_FOLDER",
                         help=f"{' or '.join(FORMATS)} files (other formats are refused), any size or mode; "
-                             f"a side under {SMALL_FRACTION * 100:.0f}%% of the model's input side gets a warning")
+                             f"a side under {SMALL_FRACTION * 100:.0f}%% of the model's input side gets a warning. "
+                             f"A folder is searched recursively for files named *{', *'.join(archive.SUFFIXES)} "
+                             "(any case; hidden ones skipped)")
+    parser.add_argument("--list", type=Path, metavar="FILE",
+                        help="also predict the files and folders it lists, one path per line (after the arguments)")
     parser.add_argument("--model", type=Path, default=prediction.DEFAULT_MODEL,
                         help=f"Keras model (default: {prediction.DEFAULT_MODEL})")
     parser.add_argument("--decision", type=Path, default=None,
                         help="decision rule chosen on validation by evaluate (default: decision.json beside the model)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON list on stdout (the notice goes to stderr)")
-    return parser.parse_args(argv)
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON list on stdout (the notice goes to stderr)")
+    output.add_argument("--jsonl", action="store_true",
+                        help="one JSON object per image and line, written as each batch of "
+                             f"{prediction.BATCH_SIZE} is done (the notice goes to stderr)")
+    parser.add_argument("--output", type=Path, metavar="FILE",
+                        help="with --jsonl: write the lines to FILE (refused if it exists, unless --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --output: skip the images FILE already answers, append the others (a last "
+                             "line cut off mid-write is written again)")
+    args = parser.parse_args(argv)
+    if not args.images and args.list is None:
+        parser.error("name at least one IMAGE_OR_FOLDER, or --list FILE")
+    if args.output is not None and not args.jsonl:
+        parser.error("--output needs --jsonl")
+    if args.resume and args.output is None:
+        parser.error("--resume needs --output FILE")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,11 +123,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        paths = archive.image_paths(args.images, args.list)
         predictor = prediction.load(args.model, args.decision)
+        out, done = archive.open_output(args.output, args.resume) if args.output else (sys.stdout, set())
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = [r for batch in prediction.describe_batches(predictor, args.images) for r in batch]
+    batches = prediction.describe_batches(predictor, archive.pending(paths, done))
+    if args.jsonl:
+        print(NOTICE, file=sys.stderr)
+        try:
+            written, failed = archive.write_lines(batches, out)
+        except KeyboardInterrupt:
+            print("interrupted: the lines written so far are whole; --resume continues", file=sys.stderr)
+            return 130
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        if args.output:
+            print(f"{written} image(s) written to {printable(str(args.output))}, {failed} failed"
+                  + (f"; {len(done)} already there" if args.resume else ""), file=sys.stderr)
+        return 1 if failed else 0
+    results = [r for batch in batches for r in batch]
     if args.json:
         print(json.dumps(results, indent=2))
         print(NOTICE, file=sys.stderr)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from stages import predict
-from stages.lib import prediction
+from stages.lib import archive, prediction
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.images import load_image
 from stages.lib.inference import PLAIN, Decision, Predictor, top_k
@@ -385,3 +385,103 @@ def test_table_escapes_file_names_and_keeps_every_result(model_and_path, good_im
     names = [line.split()[0].rsplit("/", 1)[-1] for line in out.splitlines() if line.startswith("/")]
     assert names == ["caf\\xe9.jpg", "red\\x1b[31m.jpg", "evil\\u202egpj.png", good_images[1].name]
     assert "4 image(s), 0 failed." in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Archives: folders, list files, JSON lines as batches finish, --output and --resume.
+# ----------------------------------------------------------------------------------------------
+def lines_of(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_jsonl_answers_come_batch_by_batch_while_the_paths_are_still_being_read(model_and_path, good_images):
+    """A generator of paths, batches of 2: when the 3rd path is asked for, the first batch is out."""
+    model, _ = model_and_path
+    out, asked = io.StringIO(), []
+
+    def paths():
+        for path in good_images:
+            asked.append(out.getvalue().count("\n"))
+            yield str(path)
+
+    batches = prediction.describe_batches(Predictor(model, PLAIN, 2), paths(), batch_size=2)
+    assert archive.write_lines(batches, out) == (6, 0)
+    assert asked == [0, 0, 2, 2, 4, 4]
+    assert [r["image"] for r in lines_of(out.getvalue())] == [str(p) for p in good_images]
+
+
+def test_a_folder_and_a_list_file_are_predicted_in_order(model_and_path, good_images, tmp_path, capsys, monkeypatch):
+    _, model_path = model_and_path
+    folder = tmp_path / "archive"
+    (folder / "2019").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (folder / "2019" / "lesion.JPG").write_bytes(good_images[0].read_bytes())
+    (folder / "scan.png").write_bytes(good_images[1].read_bytes())
+    (folder / "notes.txt").write_text("skipped: not a .jpg, .jpeg or .png name")
+    (folder / "fake.jpeg").write_text("named as an image, so tried, and refused")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text(f"{good_images[2]}\n\n{good_images[3].name}\nmissing.jpg\n")
+    status = predict.main(["--jsonl", "--model", str(model_path), "archive", "empty", "--list", "list.txt"])
+    out, err = capsys.readouterr()
+    results = lines_of(out)
+    assert [r["image"] for r in results] == ["archive/fake.jpeg", "archive/scan.png", "archive/2019/lesion.JPG",
+                                             "empty", str(good_images[2]), good_images[3].name, "missing.jpg"]
+    assert results[0]["error"] == "not an image (unrecognised format)"
+    assert results[3]["error"] == "no .jpg, .jpeg, .png file in this folder or below it"
+    assert results[6]["error"] == "cannot read (No such file or directory)"
+    assert all("top" in results[k] for k in (1, 2, 4, 5)), "a relative path is read from the working folder"
+    assert status == 1 and err.splitlines() == [prediction.NOTICE]
+
+
+def test_output_and_resume_give_each_image_once_after_a_kill_mid_line(model_and_path, good_images, tmp_path, capsys):
+    _, model_path = model_and_path
+    out = tmp_path / "answers.jsonl"
+    run = ["--jsonl", "--model", str(model_path), "--output", str(out)]
+    assert predict.main([*run, *map(str, good_images[:3])]) == 0
+    assert capsys.readouterr().err.splitlines() == [prediction.NOTICE, f"3 image(s) written to {out}, 0 failed"]
+    first = out.read_text().splitlines(keepends=True)
+    assert [r["image"] for r in lines_of(out.read_text())] == [str(p) for p in good_images[:3]]
+    assert predict.main([*run, str(good_images[0])]) == 2
+    assert "answers.jsonl exists: add --resume" in capsys.readouterr().err
+    out.write_text(first[0] + first[1][:40])  # as a kill mid-write leaves it
+    assert predict.main([*run, "--resume", *map(str, good_images)]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"5 image(s) written to {out}, 0 failed; 1 already there"
+    results = lines_of(out.read_text())
+    assert [r["image"] for r in results] == [str(p) for p in good_images]
+    assert results[0] == lines_of(first[0])[0] and results[1] == lines_of(first[1])[0], "the same answers"
+
+
+def test_an_interrupted_run_leaves_whole_lines_and_says_so(model_and_path, good_images, tmp_path, capsys,
+                                                          monkeypatch):
+    _, model_path = model_and_path
+    real = prediction.describe_batches
+
+    def interrupted(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prediction, "describe_batches", interrupted)
+    out = tmp_path / "answers.jsonl"
+    assert predict.main(["--jsonl", "--model", str(model_path), "--output", str(out), *map(str, good_images)]) == 130
+    assert "interrupted: the lines written so far are whole; --resume continues" in capsys.readouterr().err
+    assert [r["image"] for r in lines_of(out.read_text())] == [str(p) for p in good_images]  # one batch of 32
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "name at least one IMAGE_OR_FOLDER, or --list FILE"),
+    (["--output", "x.jsonl", "a.jpg"], "--output needs --jsonl"),
+    (["--json", "--output", "x.jsonl", "a.jpg"], "--output needs --jsonl"),
+    (["--jsonl", "--resume", "a.jpg"], "--resume needs --output FILE"),
+    (["--json", "--jsonl", "a.jpg"], "not allowed with argument"),
+], ids=["nothing", "output-alone", "output-json", "resume-alone", "json-and-jsonl"])
+def test_option_mistakes_are_usage_errors(args, words, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        predict.parse_args(args)
+    assert stopped.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_missing_list_file_is_a_one_line_usage_error(model_and_path, tmp_path, capsys):
+    _, model_path = model_and_path
+    assert predict.main(["--jsonl", "--model", str(model_path), "--list", str(tmp_path / "nope.txt")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == f"error: list file {tmp_path / 'nope.txt'}: cannot read (No such file or directory)"
