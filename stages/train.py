@@ -5,18 +5,20 @@ Reads data/augmented (train and val) and params.yaml's `train`; writes models/mo
 validation scores under `eval`). The test split is never read. The model takes RGB pixels 0..255
 at augment's image size and scales them itself, so train, evaluate and predict cannot drift. Every
 training example (an image, as often as augment's plan lists it) gets one random transform per
-epoch (`augmentation`), a stateless function of (seed, epoch, batch). No epoch is picked: the
-learning rate warms up, then decays on a cosine, and the saved weights are the mean of the last
-`average_last_epochs` epochs. ImageNet weights come through Keras's download cache
-(~/.keras/models/, or $KERAS_HOME/models/).
-Invariant: seeded end to end with op determinism: same params and CPU, same weights.
+epoch (`augmentation`), drawn anew from `seed` each epoch. No epoch is picked: the learning rate
+warms up, then decays on a cosine, and the saved weights are the mean of the last
+`average_last_epochs` epochs. ImageNet weights: Keras's cache (~/.keras/models/, $KERAS_HOME/models/).
+A stopped run resumes after its last finished epoch from models/train_checkpoint/ (docs/faults.md).
+Invariant: seeded end to end with op determinism: same params and CPU, same weights, resumed or not.
 Why: one epoch's validation score is too noisy to choose on (docs/experiments.md).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -26,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from stages.lib import checkpoint
 from stages.lib.cli import ParamError, StageError, run_stage
 from stages.lib.dataset import CLASSES
 from stages.lib.files import atomic_save_model
@@ -36,6 +39,7 @@ log = logging.getLogger("stages.train")
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+CHECKPOINT_NAME = "train_checkpoint"  # beside the model: models/train_checkpoint/ (dvc.yaml: persist)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,9 +239,10 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int = 1):
     import keras
 
     schedule = learning_rate_schedule(params, steps_per_epoch)
+    # Named: Keras numbers unnamed ones per process (adam, adam_1...), and the name is in the model file.
     if params.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9)
-    return keras.optimizers.Adam(schedule)
+        return keras.optimizers.SGD(schedule, momentum=0.9, name="sgd")
+    return keras.optimizers.Adam(schedule, name="adam")
 
 
 def make_strategy(name: str):
@@ -247,6 +252,17 @@ def make_strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def strategy_devices(strategy, name: str) -> list[str]:
+    """The devices `strategy` trains on: each replica's (mirrored), else TensorFlow's first GPU or the CPU."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        devices = list(strategy.extended.worker_devices)
+    else:
+        devices = [(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name]
+    return [device.rsplit("device:", 1)[-1] for device in devices]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +396,13 @@ class WeightAverage:
     def weights(self) -> list[np.ndarray]:
         return [m.astype(np.float32) for m in self.mean]
 
+    def state(self) -> list[np.ndarray]:
+        """The count, then the running mean (float64): what a checkpoint keeps."""
+        return [np.array(self.count)] + list(self.mean or [])
+
+    def restore(self, state: list[np.ndarray]) -> None:
+        self.count, self.mean = int(state[0]), [m.astype(np.float64) for m in state[1:]] or None
+
 
 def epoch_callback(val_images: np.ndarray, val_labels: np.ndarray, params: TrainParams):
     """Score each epoch on validation (for the curves) and average the last epochs' weights.
@@ -411,32 +434,84 @@ def epoch_callback(val_images: np.ndarray, val_labels: np.ndarray, params: Train
     return ScoreAndAverage()
 
 
+# Keras 3.15's fit makes two iterators of the training data per epoch (one at its start, a spare one
+# at its end), and each draws the next shuffle and augmentation seeds (reshuffle_each_iteration).
+KERAS_ITERATORS_PER_EPOCH = 2
+
+
+def skip_epochs(dataset, epochs: int) -> None:
+    """Draw the shuffles and augmentation seeds that `epochs` epochs of fit drew from `dataset`, so
+    that a resumed fit's next epoch sees the data the uninterrupted run's would have seen."""
+    for _ in range(KERAS_ITERATORS_PER_EPOCH * epochs):
+        iter(dataset)
+
+
+def training_state(model, average: WeightAverage) -> dict[str, list[np.ndarray]]:
+    """All that the next epochs depend on: the model's variables (with the dropout's seed state),
+    the optimizer's (step count, moments) and the weight average."""
+    return {"model": [v.numpy() for v in model.variables],
+            "optimizer": [v.numpy() for v in model.optimizer.variables],
+            "average": average.state()}
+
+
+def restore_training_state(model, average: WeightAverage, arrays: dict[str, list[np.ndarray]]) -> None:
+    model.optimizer.build(model.trainable_variables)
+    for group, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
+        for variable, value in zip(variables, arrays[group], strict=True):
+            variable.assign(value)
+    average.restore(arrays["average"])
+
+
+def checkpoint_callback(folder: Path, stamp: str, average: WeightAverage, live_dir: Path,
+                        stopped: threading.Event, epochs_done: int):
+    """Save the training state to `folder` at the end of each finished epoch (not one Ctrl-C cut
+    short). List it after DVCLive's callback, so the copy of `live_dir` holds the epoch's curves."""
+    import keras
+
+    class SaveCheckpoint(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs_done = epochs_done
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not stopped.is_set():
+                checkpoint.save(folder, stamp, epoch + 1, training_state(self.model, average), live_dir)
+                self.epochs_done = epoch + 1
+
+        def resume_note(self) -> str:
+            if self.epochs_done:
+                return f"the next run resumes after epoch {self.epochs_done} ({folder})"
+            return "no epoch finished: the next run starts over"
+
+    return SaveCheckpoint()
+
+
 @contextlib.contextmanager
-def stop_on_ctrl_c(model):
-    """Turn Ctrl-C during fit into a stop at the end of the current batch.
+def stop_on_ctrl_c(model, stopped: threading.Event, resume_note):
+    """Turn Ctrl-C during fit into a stop at the end of the current batch, and set `stopped`.
 
     A KeyboardInterrupt raised while TensorFlow's kernels run can abort the process
     ("munmap_chunk(): invalid pointer"); a flag that Keras checks between batches cannot.
-    A second Ctrl-C interrupts at once.
+    A second Ctrl-C interrupts at once. `resume_note()` says where the next run starts.
     """
-    stopped = threading.Event()
-
     def on_ctrl_c(signum, frame):
         if stopped.is_set():
             raise KeyboardInterrupt
         stopped.set()
         model.stop_training = True
-        log.warning("Ctrl-C: stopping after this batch; the model will not be saved (again to stop now)")
+        log.warning("Ctrl-C: stopping after this batch; the model will not be saved, %s (again to stop now)",
+                    resume_note())
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield stopped
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
 def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path) -> dict:
-    """Train, average the last epochs' weights, save the model; returns its validation summary."""
+    """Train (resuming from the checkpoint beside the model if it holds this run's state), average
+    the last epochs' weights, save the model; returns its validation summary."""
     import keras
     import tensorflow as tf
     from dvclive import Live
@@ -451,18 +526,39 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
     tf.config.experimental.enable_op_determinism()
     steps_per_epoch = -(-len(train_images) // params.batch_size)
     strategy = make_strategy(params.distribution)
+    log.info("devices: %s (train.distribution: %s)", ", ".join(strategy_devices(strategy, params.distribution)),
+             params.distribution)
     with strategy.scope():
         model = build_model(image_size, params)
         model.compile(optimizer=make_optimizer(params, steps_per_epoch), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
+    dataset = training_dataset(train_images, train_labels, params.batch_size, params.seed, params.augmentation)
+    scorer = epoch_callback(val_images, val_labels, params)
 
-    with Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False) as live, stop_on_ctrl_c(model) as stopped:
-        live.step = 1  # epochs are counted from 1 in the curves, as in the logs
+    checkpoint_dir = model_path.parent / CHECKPOINT_NAME
+    stamp = checkpoint.fingerprint(dataclasses.asdict(params), [train_images, train_labels, val_images, val_labels])
+    saved = checkpoint.load(checkpoint_dir, stamp)
+    if saved:
+        with strategy.scope():
+            restore_training_state(model, scorer.average, saved.arrays)
+        skip_epochs(dataset, saved.epochs_done)
+        shutil.rmtree(live_dir, ignore_errors=True)
+        shutil.copytree(saved.live_dir, live_dir)  # the curves up to there; DVCLive goes on from them
+        log.info("resuming after epoch %d/%d (%s)", saved.epochs_done, params.epochs, checkpoint_dir)
+    epochs_done = saved.epochs_done if saved else 0
+    stopped = threading.Event()
+    saver = checkpoint_callback(checkpoint_dir, stamp, scorer.average, live_dir, stopped, epochs_done)
+
+    with (Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=saved is not None) as live,
+          stop_on_ctrl_c(model, stopped, saver.resume_note)):
+        if not saved:
+            live.step = 1  # epochs are counted from 1 in the curves, as in the logs (resumed: DVCLive's next)
         model.fit(
-            training_dataset(train_images, train_labels, params.batch_size, params.seed, params.augmentation),
+            dataset,
             epochs=params.epochs,
+            initial_epoch=epochs_done,
             class_weight=class_weights(train_labels, params.class_weight),
-            callbacks=[epoch_callback(val_images, val_labels, params), DVCLiveCallback(live=live)],
+            callbacks=[scorer, DVCLiveCallback(live=live), saver],
             shuffle=False,  # the dataset shuffles itself, seeded
             verbose=1 if sys.stdout.isatty() else 2,  # a progress bar with ETA in a terminal, a line per epoch in logs
         )
@@ -475,6 +571,7 @@ def train(params: TrainParams, data_dir: Path, model_path: Path, live_dir: Path)
         live.summary.update(summary)
         live.summary["eval"] = {name.removeprefix("val_"): value for name, value in final.items()}
     atomic_save_model(model, model_path)
+    checkpoint.finish(checkpoint_dir)
     log.info("saved %s (weights averaged over epochs %d-%d, val balanced accuracy %.4f)", model_path,
              *summary["averaged_epochs"], summary["val_balanced_accuracy"])
     return summary

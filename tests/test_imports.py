@@ -25,6 +25,7 @@ SHARED_MAY_IMPORT = {
     "stages/lib/images.py": set(),
     "stages/lib/progress.py": set(),
     "stages/lib/shards.py": {"stages/lib/files.py"},  # index.json is read by the one JSON reader
+    "stages/lib/checkpoint.py": {"stages/lib/files.py"},  # saved whole with files.atomic_dir
 }
 
 

@@ -16,7 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
+from stages import train
 from stages.lib import files
+from tests.conftest import train_params
 from tests.tiny_model import tiny_model
 
 
@@ -71,13 +73,13 @@ WAYS = ("in_memory", "low_memory")
 
 
 def trained_model():
-    """The tiny model trained one step (seeded, op determinism as in train), so the file also
-    holds optimizer state."""
+    """The tiny model trained one step (seeded, op determinism and optimizer as in train), so the
+    file also holds optimizer state."""
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     model = tiny_model(IMAGES)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=train.make_optimizer(train_params()), loss="sparse_categorical_crossentropy")
     model.train_on_batch(IMAGES, np.arange(len(IMAGES)) % 7)
     return model
 

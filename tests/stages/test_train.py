@@ -1,11 +1,13 @@
 """Stage train: model shape and scaling, freezing, class weights, selection on validation,
-weights from Keras's cache, seeded runs, params errors."""
+weights from Keras's cache, seeded runs, params errors, Ctrl-C, and resuming after a kill."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from stages import train
 from stages.lib.cli import ParamError, StageError
@@ -22,7 +25,7 @@ from stages.lib.dataset import CLASSES
 from stages.lib.files import atomic_save_model
 from stages.lib.params import from_dict, load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
-from tests.fixtures import write_params
+from tests.fixtures import DVC, ENV, git, init_dvc_repo, write_params
 
 PARAMS = train_params()
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,13 +203,16 @@ def test_bad_params_are_refused_naming_the_key(tmp_path, change, message):
     assert model.read_bytes() == PREVIOUS_MODEL
 
 
-def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path):
+def test_training_is_seeded_and_writes_model_and_curves(tiny_shards, tmp_path, caplog):
     params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)
     runs = []
     for run in ("a", "b"):
-        train.main(params, tiny_shards, tmp_path / run / "model.keras", tmp_path / run / "live")
+        with caplog.at_level(logging.INFO):
+            train.main(params, tiny_shards, tmp_path / run / "model.keras", tmp_path / run / "live")
         runs.append(json.loads((tmp_path / run / "live" / "metrics.json").read_text()))
+    assert "devices: CPU:0 (train.distribution: default)" in caplog.text
     assert runs[0] == runs[1]
+    assert (tmp_path / "a" / "model.keras").read_bytes() == (tmp_path / "b" / "model.keras").read_bytes()
     assert runs[0]["averaged_epochs"] == [1, 1]
     assert runs[0]["eval"]["balanced_accuracy"] == runs[0]["val_balanced_accuracy"], "the saved model's own score"
     steps = (tmp_path / "a" / "live" / "plots" / "metrics" / "eval" / "balanced_accuracy.tsv").read_text().split()
@@ -224,6 +230,8 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
 
     params = write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, "distribution": "mirrored"})
     code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         "import tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
@@ -236,6 +244,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tiny_shards, tmp_path):
                           cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "replicas 2" in done.stdout
+    assert "devices: CPU:0, CPU:1 (train.distribution: mirrored)" in done.stderr
     assert (tmp_path / "model.keras").exists()
 
 
@@ -274,9 +283,10 @@ def test_interrupted_save_keeps_the_previous_model(tmp_path):
 
 
 def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
-    """`python -m stages.train` as dvc runs it, interrupted once fit() has started (Ctrl-C sends
-    SIGINT). DVC itself deletes the stage's outputs before it runs the command (they stay in its
-    cache); run directly, the stage keeps the previous model. Either way no half model is left."""
+    """`python -m stages.train` as dvc runs it, interrupted during epoch 2 (Ctrl-C sends SIGINT).
+    DVC itself deletes the stage's outputs before it runs the command (they stay in its cache); run
+    directly, the stage keeps the previous model. Either way no half model is left, and the
+    checkpoint holds epoch 1, not the epoch cut short."""
     make_shards(tmp_path / "data" / "augmented")
     write_params(tmp_path / "params.yaml", train={**TINY_TRAIN, "epochs": 1000})
     model = previous_model(tmp_path)
@@ -289,7 +299,7 @@ def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
         seen = []
         for line in process.stdout:
             seen.append(line)
-            if line.startswith("Epoch 1/1000"):  # Keras's first line inside fit()
+            if line.startswith("Epoch 2/1000"):  # Keras prints it once epoch 1's callbacks ran
                 process.send_signal(signal.SIGINT)
                 break
         output = "".join(seen) + process.communicate(timeout=120)[0]
@@ -298,16 +308,128 @@ def test_ctrl_c_during_training_leaves_no_model_and_a_rerun_works(tmp_path):
         process.kill()
         process.wait()
     assert process.returncode == 130, output[-3000:]
-    assert "Epoch 1/1000" in output
+    assert "Epoch 2/1000" in output
+    assert ("Ctrl-C: stopping after this batch; the model will not be saved, the next run resumes after epoch 1 "
+            "(models/train_checkpoint) (again to stop now)") in output
     assert "\ninterrupted: " in output, output[-3000:]  # run_stage's one line (stages/lib/cli.py)
     assert "Traceback" not in output
     assert model.read_bytes() == PREVIOUS_MODEL
-    assert [p.name for p in model.parent.iterdir()] == ["model.keras"], "no temporary model left"
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.keras", "train_checkpoint"], "no temporary model"
+    assert json.loads((model.parent / "train_checkpoint" / "state.json").read_text())["epochs_done"] == 1
 
-    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)  # the re-run, 1 epoch
+    params = write_params(tmp_path / "params.yaml", train=TINY_TRAIN)  # the re-run, 1 epoch: starts over
     train.main(params, tmp_path / "data" / "augmented", model, tmp_path / "metrics" / "train")
     assert zipfile.is_zipfile(model) and model.read_bytes() != PREVIOUS_MODEL
-    assert [p.name for p in model.parent.iterdir()] == ["model.keras"]
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.keras", "train_checkpoint"]
+    assert [p.name for p in (model.parent / "train_checkpoint").iterdir()] == ["README.txt"]
+
+
+def test_ctrl_c_says_where_the_next_run_starts(tmp_path):
+    average, stopped = train.WeightAverage(), threading.Event()
+    fresh = train.checkpoint_callback(tmp_path / "ck", "stamp", average, tmp_path / "live", stopped, 0)
+    assert fresh.resume_note() == "no epoch finished: the next run starts over"
+    resumed = train.checkpoint_callback(tmp_path / "ck", "stamp", average, tmp_path / "live", stopped, 3)
+    assert resumed.resume_note() == f"the next run resumes after epoch 3 ({tmp_path / 'ck'})"
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: a train killed after an epoch goes on from there under `dvc repro`, to the same model
+# --------------------------------------------------------------------------------------------
+RESUMABLE = {**TINY_TRAIN, "epochs": 2, "average_last_epochs": 2}  # killed after epoch 1, which is averaged
+
+
+def train_repo(folder: Path) -> Path:
+    """A git + DVC repo of the project's code with dvc.yaml's train stage alone, tiny shards, RESUMABLE."""
+    shutil.copytree(ROOT / "stages", folder / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["train"]
+    (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}, sort_keys=False), encoding="utf-8")
+    make_shards(folder / "data" / "augmented")
+    write_params(folder / "params.yaml", train=RESUMABLE)
+    init_dvc_repo(folder)
+    git(folder, "add", "-A")
+    git(folder, "commit", "-qm", "code, shards, params")  # DVCLive needs a commit
+    return folder
+
+
+def start_repro(repo: Path) -> subprocess.Popen:
+    """`dvc repro train` in its own process group (a kill takes DVC and the stage's python with it)."""
+    return subprocess.Popen([DVC, "repro", "train"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**ENV, "PYTHONPATH": str(repo)}, start_new_session=True)
+
+
+def output_of(process: subprocess.Popen, kill_at: str | None = None) -> str:
+    """The process's output until it exits, or until a line starts with `kill_at`: then SIGKILL (no cleanup runs)."""
+    watchdog = threading.Timer(300, os.killpg, (process.pid, signal.SIGKILL))  # a hung run fails the test
+    watchdog.start()
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if kill_at and line.startswith(kill_at):
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+        process.wait()
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return "".join(seen)
+
+
+@pytest.fixture(scope="module")
+def repro_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two repos: `whole` reproduced without a stop, `killed` SIGKILLed once epoch 1's checkpoint was
+    written (Keras prints `Epoch 2/2` after epoch 1's callbacks). Both run at once."""
+    whole, killed = (train_repo(tmp_path_factory.mktemp(name)) for name in ("whole", "killed"))
+    processes = {"whole": start_repro(whole), "killed": start_repro(killed)}
+    output = output_of(processes["killed"], kill_at="Epoch 2/2")
+    assert processes["killed"].returncode == -signal.SIGKILL, output[-3000:]
+    output = output_of(processes["whole"])
+    assert processes["whole"].returncode == 0, output[-3000:]
+    return {"whole": whole, "killed": killed}
+
+
+def test_a_train_killed_after_epoch_1_resumes_under_dvc_repro_to_the_same_model(repro_runs, tmp_path):
+    """The next `dvc repro` deletes the model and the curves (not the checkpoint: persist), goes on at
+    epoch 2, and ends with the lock, model and curves of the run that never stopped, bit for bit."""
+    whole, killed = repro_runs["whole"], tmp_path / "killed"
+    shutil.copytree(repro_runs["killed"], killed, symlinks=True)
+    assert json.loads((killed / "models/train_checkpoint/state.json").read_text())["epochs_done"] == 1
+    assert not (killed / "models" / "model.keras").exists()
+    process = start_repro(killed)
+    output = output_of(process)
+    assert process.returncode == 0, output[-3000:]
+    assert "resuming after epoch 1/2 (models/train_checkpoint)" in output
+    assert "Epoch 1/2" not in output and "Epoch 2/2" in output
+    assert (killed / "dvc.lock").read_text() == (whole / "dvc.lock").read_text()
+    curves = sorted(p.relative_to(whole).as_posix() for p in (whole / "metrics" / "train").rglob("*") if p.is_file())
+    assert len(curves) == 6, curves  # metrics.json, and 5 TSVs
+    for path in ["models/model.keras", *curves]:
+        assert (killed / path).read_bytes() == (whole / path).read_bytes(), path
+    for repo in (whole, killed):
+        assert [p.name for p in (repo / "models" / "train_checkpoint").iterdir()] == ["README.txt"]
+
+
+def test_a_changed_param_discards_the_checkpoint(repro_runs, tmp_path, monkeypatch, caplog):
+    """The killed run's checkpoint with one param changed (epochs 2 -> 1): training starts at epoch 1."""
+    import keras
+
+    class Started(Exception):
+        pass
+
+    def fit(self, *args, initial_epoch=0, **kwargs):  # where fit starts is the point: no need to train
+        raise Started(initial_epoch)
+
+    changed = tmp_path / "changed"
+    shutil.copytree(repro_runs["killed"], changed, symlinks=True)
+    write_params(changed / "params.yaml", train={**RESUMABLE, "epochs": 1, "average_last_epochs": 1})
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    monkeypatch.chdir(changed)
+    with caplog.at_level(logging.INFO), pytest.raises(Started) as started:
+        train.main()
+    assert started.value.args == (0,)
+    assert "models/train_checkpoint: made with other params, data or code: training starts over" in caplog.text
 
 
 def train_recording_batchnorm(params: dict, data_dir: Path, tmp_path: Path, monkeypatch) -> dict:
