@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from stages.lib import checkpoint
+from stages.lib.calibration import nll
 from stages.lib.cli import ParamError, StageError, run_stage
 from stages.lib.dataset import CLASSES
 from stages.lib.files import atomic_save_model
@@ -39,6 +40,7 @@ log = logging.getLogger("stages.train")
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+KERAS_EPSILON = 1e-7  # keras.config.epsilon(): Keras's training loss floors probabilities here, so val_loss compares
 CHECKPOINT_NAME = "train_checkpoint"  # beside the model: models/train_checkpoint/ (dvc.yaml: persist)
 
 
@@ -375,7 +377,7 @@ def validation_scores(model, images: np.ndarray, labels: np.ndarray, batch_size:
     return {
         "val_balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "val_accuracy": float(np.mean(predicted == labels)),
-        "val_loss": float(-np.mean(np.log(np.clip(proba[np.arange(len(proba)), labels], 1e-7, 1)))),
+        "val_loss": nll(labels, proba, floor=KERAS_EPSILON),
     }
 
 

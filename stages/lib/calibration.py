@@ -37,9 +37,11 @@ def calibrated(proba: np.ndarray, temperature: float, class_prior=None) -> np.nd
     return reweighted(np.asarray(proba, np.float64), temperature, log_prior)
 
 
-def nll(labels: np.ndarray, proba: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true classes."""
-    return float(-np.mean(np.log(np.clip(np.asarray(proba, np.float64)[np.arange(len(labels)), labels], 1e-12, 1))))
+def nll(labels: np.ndarray, proba: np.ndarray, floor: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true classes, each probability floored at `floor`, in
+    proba's own precision (float64 for the shown probabilities; train's float32 model outputs)."""
+    proba = np.asarray(proba)
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], floor, 1))))
 
 
 def brier(labels: np.ndarray, proba: np.ndarray) -> float:
