@@ -11,6 +11,7 @@ Measurements: docs/experiments.md, "Calibration and out-of-distribution".
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from stages.lib.cli import run_stage
 from stages.lib.files import atomic_dir, atomic_write_text
+
+log = logging.getLogger("stages.non_lesions")
 
 SEED = 0  # each kind k draws from numpy's default_rng([SEED, k])
 KINDS = ("photo", "photo crop", "screenshot", "icon", "document", "blank", "noise", "gradient", "skin")
@@ -207,6 +210,7 @@ def main(out_dir: Path = Path("data/non_lesions")) -> None:
             img.save(tmp / name, format="PNG")
             rows.append(f"{name},{kind}")
         atomic_write_text(tmp / "index.csv", "\n".join(rows) + "\n")
+    log.info("%s: %d images, %s", out_dir, len(images), ", ".join(f"{n} {kind}" for kind, n in numbers.items()))
 
 
 if __name__ == "__main__":
