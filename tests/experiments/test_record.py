@@ -197,10 +197,19 @@ def test_int8_rows(number):
     assert row["difference"].startswith("±0 images" if images == 0 else f"{images:+d} image")
 
 
-def test_row_75_test_agreement_is_the_committed_exports():
+def test_row_81_test_agreement_is_the_committed_exports():
     export = metrics("export.json")
-    assert export["int8_float_layers"] == ["conv_pw_1", "conv_pw_2", "conv_pw_3"]  # row 75's setting
-    assert table()[75]["test"].startswith(f"test agreement {f3(export['int8']['agreement'])}, read after the choice")
+    assert export["int8_float_layers"] == ["conv_pw_1", "conv_pw_2", "conv_pw_3", "conv_pw_4"]  # row 81's setting
+    assert table()[81]["test"].startswith(f"test agreement {f3(export['int8']['agreement'])}, read after the choice")
+
+
+def test_row_82_is_the_committed_run():
+    run, val, test = result("reference_run_after_refactor.amd.json"), metrics("val.json"), metrics("test.json")
+    assert run["val"]["balanced_accuracy"] == val["balanced_accuracy"]
+    assert run["test"]["balanced_accuracy"] == test["balanced_accuracy"]
+    row = table()[82]
+    assert f3(test["balanced_accuracy"]) in row["test"] and f3(run["export_int8_test"]["agreement"]) in row["test"]
+    assert f"{run['elapsed_s'] / 60:.1f} min" in row["configuration"]
 
 
 @pytest.mark.parametrize("number, name", [
