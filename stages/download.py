@@ -99,9 +99,10 @@ class Remote:
     checksums: tuple[Checksum, ...] = ()
 
 
-def pin_checksums(name: str, pins: dict[str, str]) -> tuple[Checksum, ...]:
-    """The params' sha256 pin, if any: it holds whichever server or folder the file comes from."""
-    return (Checksum("sha256", pins[name], f"params.yaml download.sha256.{name}"),) if name in pins else ()
+def pin_checksums(name: str, pins: dict[str, str], pins_key: str = "download.sha256") -> tuple[Checksum, ...]:
+    """The params' sha256 pin (`pins_key` in params.yaml), if any: it holds whichever server or
+    folder the file comes from."""
+    return (Checksum("sha256", pins[name], f"params.yaml {pins_key}.{name}"),) if name in pins else ()
 
 
 def resolve_mirror(base: str, params: DownloadParams) -> list[Remote]:
@@ -290,13 +291,13 @@ def fetch_cached(remote: Remote, cache: Path, params: DownloadParams) -> Path:
     return dest
 
 
-def locate_local(folder: Path, params: DownloadParams) -> list[Path]:
+def locate_local(folder: Path, params: DownloadParams, pins_key: str = "download.sha256") -> list[Path]:
     """Each file from `folder`: as named, or (Kaggle's layout) an archive as its extracted folder."""
     found = []
     for name in params.files:
         path, extracted = folder / name, folder / name.removesuffix(".zip")
         if path.is_file():
-            if problem := file_problem(path, name, pin_checksums(name, params.sha256)):
+            if problem := file_problem(path, name, pin_checksums(name, params.sha256, pins_key)):
                 raise StageError(f"{path}: {problem} (download.local_dir; the file was left as it is)")
             found.append(path)
         elif name.endswith(".zip") and extracted.is_dir():
@@ -307,11 +308,13 @@ def locate_local(folder: Path, params: DownloadParams) -> list[Path]:
     return found
 
 
-def gather(params: DownloadParams, mirror: str | None, cache: Path) -> tuple[list[Path], dict]:
-    """Every file of the release as a local path (a file, or a folder of images), and its source."""
+def gather(params: DownloadParams, mirror: str | None, cache: Path,
+           pins_key: str = "download.sha256") -> tuple[list[Path], dict]:
+    """Every file of the release as a local path (a file, or a folder of images), and its source;
+    `params.sha256` is `pins_key` in params.yaml (stages/isic2018.py fetches its own files here)."""
     if params.local_dir is not None:
         where = {"source": "local", "url": None, "doi": None, "local_dir": params.local_dir}
-        return locate_local(Path(params.local_dir), params), where
+        return locate_local(Path(params.local_dir), params, pins_key), where
     if mirror:
         if not mirror.startswith(("https://", "http://")):
             raise StageError(f"{MIRROR_ENV}={mirror!r}: must be an http(s):// base URL")
@@ -320,7 +323,7 @@ def gather(params: DownloadParams, mirror: str | None, cache: Path) -> tuple[lis
     else:
         where = {"source": "official", "url": params.dataverse_url, "doi": params.dataset_doi, "local_dir": None}
         remotes = resolve_dataverse(params)
-    return [fetch_cached(dataclasses.replace(r, checksums=r.checksums + pin_checksums(r.name, params.sha256)),
+    return [fetch_cached(dataclasses.replace(r, checksums=r.checksums + pin_checksums(r.name, params.sha256, pins_key)),
                          cache, params) for r in remotes], where
 
 

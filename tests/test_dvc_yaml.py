@@ -92,6 +92,7 @@ RESULT_NEUTRAL = {
     "evaluate.batch_size": "images per inference call: the same probabilities",
     "export.batch_size": "images per inference call: the same agreement and accuracy",
     "export.latency_runs": "timed runs of the speed measurement, which no rerun reproduces anyway",
+    "isic2018.sha256": "pins check the files, never change them",
 }
 
 
@@ -209,7 +210,8 @@ def test_a_result_neutral_key_reruns_nothing_and_a_declared_one_its_stage(tmp_pa
 
     assert status_after(RESULT_NEUTRAL) == set(), "a result-neutral key re-ran a stage"
     assert status_after(["train.seed", "evaluate.tta", "download.files"]) == {
-        "train", "evaluate", "report", "download"}, "report quotes evaluate.tta"
+        "train", "evaluate", "report", "download",
+        "isic2018"}, "report quotes evaluate.tta; isic2018 reads the download section"
     assert status_after(["train.augmentation.zoom_fraction"]) == {"train"}, "a key inside a declared sub-section"
     assert status_after(["train.weights"]) == {"train", "report"}, "report quotes train.weights"
 
