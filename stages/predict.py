@@ -1,21 +1,20 @@
 """Command `predict`: the most probable classes and the decision for each JPEG or PNG image.
 
     python -m stages.predict [--model models/model.keras] [--decision FILE] [--json | --jsonl
-        [--output FILE [--resume]]] [--list FILE] [IMAGE_OR_FOLDER ...]
+        [--output FILE [--resume]]] [--list FILE] [--age N] [--sex SEX] [--site SITE]
+        [--metadata FILE.csv] [IMAGE_OR_FOLDER ...]
 
 Input: image files, folders (walked recursively for .jpg, .jpeg and .png files) and a file listing
-paths, with the model and the decision rule evaluate stored beside it. Output: a table, or with
+paths, with the model and the decision rule evaluate stored beside it; optional patient metadata,
+the flags for every image or a CSV row per image (matched by file stem). Output: a table, or with
 --json one JSON list, on stdout; with --jsonl one JSON object per image and line, written as each
 batch is done (memory stays bounded whatever the count), to stdout or --output FILE, which
---resume continues. A front end (arguments and output format) to stages/lib/prediction.py, which
-decodes each file as training did and answers through the stored rule (`stages.serve` answers
-through the same library), and stages/lib/archive.py (inputs, JSON lines, resuming).
-Invariant: a bad file (missing, a folder, another format, truncated, too large) gets its own
-error, an odd name is escaped (table: control characters; all: bytes that are not UTF-8), and
-the other images' results are always given.
-Exit status: 0 all images predicted, 1 some image failed, 2 usage error (bad arguments, model,
-decision, list or output file: one line on stderr saying what to do), 130 interrupted (the lines
-written so far are whole). Cases and tests: docs/faults.md.
+--resume continues. A front end to stages/lib/prediction.py (decoding as training did, the stored
+rule; `stages.serve` answers through it too) and stages/lib/archive.py (inputs, metadata, JSON lines).
+Invariant: a bad file or metadata row gets its own error, an odd name is escaped, and the other
+images' results are always given. Exit status: 0 all predicted, 1 some image failed, 2 usage error
+(one line on stderr saying what to do), 130 interrupted (the lines written so far are whole).
+Cases and tests: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -29,11 +28,13 @@ from typing import Any
 from stages.lib import archive, prediction
 from stages.lib.cli import command_parser
 from stages.lib.dataset import CLASS_NAMES
+from stages.lib.metadata import AGE_LIMIT, SEXES, SITES
 from stages.lib.prediction import FORMATS, NOTICE, SMALL_FRACTION, UsageError
 from stages.lib.text import printable
 
 EXIT_STATUS = ("exit status: 0 all images predicted; 1 some image failed (the others' results are still "
-               "given); 2 usage error (bad arguments, model, decision, list or output file); 130 interrupted "
+               "given); 2 usage error (bad arguments or metadata flags; model, decision, list, metadata or output "
+               "file); 130 interrupted "
                "(--jsonl: the lines written so far are whole, --resume continues)")
 
 
@@ -56,8 +57,18 @@ def all_warnings(result: dict[str, Any]) -> list[str]:
     return found
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    """A table for people: per image its classes, decision and warnings, then the notice.
+def metadata_text(result: dict[str, Any]) -> str:
+    """The table's line on the patient metadata the answer used."""
+    used = result.get("metadata") or {}
+    if not used:
+        return "metadata: none used (decided from the image alone)"
+    return "metadata used: " + ", ".join(f"{field} {value:g}" if field == "age" else f"{field} {value}"
+                                         for field, value in used.items())
+
+
+def format_table(results: list[dict[str, Any]], metadata: bool = False) -> str:
+    """A table for people: per image its classes, decision, the metadata used (when `metadata`
+    was given) and warnings, then the notice.
 
     Every name and message goes through `printable`: a file name cannot restyle the terminal.
     """
@@ -74,6 +85,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
             said = decision_text(result) if rank == 1 else ""
             lines.append(f"{image:<{width}}  {rank}  {cls['dx']:<5}  {cls['name']:<{name_width}}  "
                          f"{cls['probability']:>11.1%}  {said}".rstrip())
+        if metadata:
+            lines.append(f"{'':<{width}}  {printable(metadata_text(result))}")
         lines += [f"{'':<{width}}  warning: {printable(text)}" for text in all_warnings(result)]
     failed = sum("error" in r for r in results)
     lines += ["", f"{len(results)} image(s), {failed} failed.", NOTICE]
@@ -96,6 +109,15 @@ def parse_args(argv: Sequence[str] | None):
                         help=f"Keras model (default: {prediction.DEFAULT_MODEL})")
     parser.add_argument("--decision", type=Path, default=None,
                         help="decision rule chosen on validation by evaluate (default: decision.json beside the model)")
+    parser.add_argument("--age", metavar="N", help=f"the patient's age in years, 0 to {AGE_LIMIT} (every image)")
+    parser.add_argument("--sex", metavar="SEX", help=f"the patient's sex: {' or '.join(SEXES)} (every image)")
+    parser.add_argument("--site", metavar="SITE", help="the lesion's body site (every image), a HAM10000 "
+                        f"localization: {', '.join(SITES)} (quote a name with a space)")
+    parser.add_argument("--metadata", type=Path, metavar="FILE.csv",
+                        help="per image, from a CSV with HAM10000's columns image_id, age, sex, localization "
+                             "(image_id = the file name without its extension; others optional; extra columns "
+                             "ignored); an image without a row is predicted from the image alone. Not with "
+                             "--age/--sex/--site. Any metadata is optional")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON list on stdout (the notice goes to stderr)")
     output.add_argument("--jsonl", action="store_true",
@@ -123,13 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        given = archive.metadata_source(args.age, args.sex, args.site, args.metadata)
         paths = archive.image_paths(args.images, args.list)
         predictor = prediction.load(args.model, args.decision)
         out, done = archive.open_output(args.output, args.resume) if args.output else (sys.stdout, set())
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    batches = prediction.describe_batches(predictor, archive.pending(paths, done))
+    batches = prediction.describe_batches(predictor, archive.pending(paths, done), metadata=given)
     if args.jsonl:
         print(NOTICE, file=sys.stderr)
         try:
@@ -149,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         print(NOTICE, file=sys.stderr)
     else:
-        print(format_table(results), end="")
+        print(format_table(results, metadata=given is not None), end="")
     return 1 if any("error" in r for r in results) else 0
 
 

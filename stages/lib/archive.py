@@ -8,6 +8,8 @@ files (a misnamed file gets its own error when decoded); any other path is taken
 `open_output` starts a JSON-lines file, or with `resume` reads which images it already answers
 and cuts off a last line that lacks its newline (a run killed mid-write), to be written again;
 `write_lines` writes each batch's answers, one JSON object per line, flushed per batch.
+`metadata_source` says what is known of each image's patient: the same flags for every image, or
+a CSV with HAM10000's columns whose `image_id` is matched to each file's stem (no row: nothing).
 Memory: one folder's listing, one batch, and when resuming the names already answered.
 Cases and tests: docs/faults.md ("predict and serve").
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from stages.lib.prediction import Refused, UsageError
-from stages.lib.text import display_name, printable
+from stages.lib import metadata
+from stages.lib.cli import StageError
+from stages.lib.prediction import Given, Refused, UsageError
+from stages.lib.text import display_name, one_line, printable
 
 SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder is searched for (any case)
 
@@ -113,3 +117,32 @@ def write_lines(batches: Iterable[list[dict[str, Any]]], out: IO[str]) -> tuple[
         written += len(batch)
         failed += sum("error" in answer for answer in batch)
     return written, failed
+
+
+def metadata_source(age: str | None = None, sex: str | None = None, site: str | None = None,
+                    csv: Path | None = None) -> Callable[[str], Given] | None:
+    """What is known of the patient of each image path: None when nothing is given; the flags'
+    Metadata for every image; or the row of `csv` whose image_id is the file's stem
+    (ISIC_0024306.jpg -> ISIC_0024306), metadata.NONE where there is none, a bad row's error
+    string. A bad flag, an unusable CSV or both ways at once: a one-line UsageError."""
+    flags = {"--age": ("age", age), "--sex": ("sex", sex), "--site": ("localization", site)}
+    given = [flag for flag, (_, value) in flags.items() if value is not None]
+    if csv is not None:
+        if given:
+            raise UsageError(f"give the metadata as --metadata FILE.csv or as --age/--sex/--site, not both "
+                             f"(got --metadata and {', '.join(given)})")
+        try:
+            rows = metadata.read_csv(csv)
+        except StageError as err:
+            raise UsageError(one_line(err)) from None
+        return lambda path: rows.get(Path(path).stem, metadata.NONE)
+    if not given:
+        return None
+    for flag in given:  # each alone, so that the error names the flag
+        field, value = flags[flag]
+        try:
+            metadata.parse(**{field: value})
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from None
+    known = metadata.parse(age, sex, site)
+    return lambda path: known

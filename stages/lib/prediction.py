@@ -4,9 +4,10 @@
 the file, the problem and what to run (`dvc repro <stage>`, or `dvc pull` where a DVC remote is
 configured). `decode` turns a JPEG or PNG file, or its bytes in memory, into model input as
 training did (`images.open_rgb`, then `resize_square`) with its warnings; `describe_batches`
-answers paths batch by batch (memory bounded by one batch), `describe_bytes` one upload.
+answers paths batch by batch (memory bounded by one batch), `describe_bytes` one upload. Each
+item may carry patient metadata (a metadata.Metadata, or the error string of a bad CSV row).
 Each answer is {"image", "warnings"} plus Predictor.describe's keys, or {"image", "error"}: a bad
-image never stops the others. The commands `predict` and `serve` are front ends to this module.
+image or a bad metadata row never stops the others. The commands `predict` and `serve` are front ends to this module.
 TensorFlow is imported only inside `load`, its import-time logs kept off stderr.
 Cases and tests: docs/faults.md ("predict and serve").
 """
@@ -18,7 +19,7 @@ import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from stages.lib.cli import StageError
 from stages.lib.dataset import CLASSES
 from stages.lib.images import ImageError, open_rgb, resize_square
 from stages.lib.inference import Predictor, feature_model, load_decision
+from stages.lib.metadata import NONE, Metadata
 from stages.lib.text import display_name, one_line, printable
 
 DEFAULT_MODEL = Path("models/model.keras")
@@ -169,40 +171,53 @@ class Refused:
     reason: str
 
 
-def describe(predictor: Predictor, items: list[tuple[str, Path | bytes | Refused]]
+Given = Metadata | str | None  # what is known of an item's patient: a Metadata, a bad row's error, or nothing
+
+
+def describe(predictor: Predictor, items: list[tuple[str, Path | bytes | Refused]], given: list[Given] | None = None
              ) -> list[tuple[dict[str, Any], Decoded | None]]:
-    """(answer, decoded image or None) for each (name, source), in order, predicted together."""
+    """(answer, decoded image or None) for each (name, source), in order, predicted together, each
+    with its `given` metadata (None: none; a string: that item's error, its image left unread)."""
+    given = list(given) if given is not None else [None] * len(items)
     answers: list[tuple[dict[str, Any], Decoded | None]] = []
-    for name, source in items:
+    for (name, source), known in zip(items, given, strict=True):
         answer: dict[str, Any] = {"image": display_name(name)}
         image = None
         if isinstance(source, Refused):
             answer["error"] = source.reason
+        elif isinstance(known, str):
+            answer["error"] = known
         else:
             try:
                 image = decode(source, predictor.image_size, name)
             except ImageError as err:
                 answer["error"] = err.reason
         answers.append((answer, image))
-    decoded = [(answer, image) for answer, image in answers if image is not None]
+    decoded = [(answer, image, known) for (answer, image), known in zip(answers, given) if image is not None]
     if decoded:
-        shown = predictor.describe(np.stack([image.pixels for _, image in decoded]))
-        for (answer, image), said in zip(decoded, shown):
+        pixels = np.stack([image.pixels for _, image, _ in decoded])
+        rows = [known or NONE for _, _, known in decoded]
+        shown = predictor.describe(pixels, rows) if any(row.known for row in rows) else predictor.describe(pixels)
+        for (answer, image, _), said in zip(decoded, shown):
             answer.update(said, warnings=image.warnings)
     return answers
 
 
-def describe_batches(predictor: Predictor, paths: Iterable[str | Path | Refused],
-                     batch_size: int = BATCH_SIZE) -> Iterator[list[dict[str, Any]]]:
-    """The answers for `paths` (read lazily), one list per batch as soon as it is predicted."""
+def describe_batches(predictor: Predictor, paths: Iterable[str | Path | Refused], batch_size: int = BATCH_SIZE,
+                     metadata: Callable[[str], Given] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The answers for `paths` (read lazily), one list per batch as soon as it is predicted;
+    `metadata(path)` says what is known of each path's patient (default: nothing)."""
     paths = iter(paths)
     while chunk := list(itertools.islice(paths, batch_size)):
         items = [(p.name, p) if isinstance(p, Refused) else (str(p), Path(p)) for p in chunk]
-        yield [answer for answer, _ in describe(predictor, items)]
+        given = [None if metadata is None or isinstance(p, Refused) else metadata(str(p)) for p in chunk]
+        yield [answer for answer, _ in describe(predictor, items, given)]
 
 
-def describe_bytes(predictor: Predictor, data: bytes, name: str) -> tuple[dict[str, Any], Decoded | None]:
-    """The answer for an image file's bytes, decoded once in memory (nothing is written), and the
-    decoded image (None when it was refused) for whatever else is drawn from it."""
-    [(answer, image)] = describe(predictor, [(name, data)])
+def describe_bytes(predictor: Predictor, data: bytes, name: str, given: Given = None
+                   ) -> tuple[dict[str, Any], Decoded | None]:
+    """The answer for an image file's bytes, decoded once in memory (nothing is written), with the
+    patient metadata `given`, and the decoded image (None when it was refused) for whatever else
+    is drawn from it."""
+    [(answer, image)] = describe(predictor, [(name, data)], [given])
     return answer, image

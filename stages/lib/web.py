@@ -2,11 +2,12 @@
 
 `create_app(predictor)` is a Starlette app. GET / is stages/serve.html with the notice, class
 names and upload cap filled in, under a Content-Security-Policy that lets only its own inline
-script and style run. POST /api/predict takes one image (multipart field `image`), decodes it
-once in memory (stages/lib/prediction.py; nothing is written to disk) and answers predict's JSON
-for it plus `gradcam_png`, a data URL of the Grad-CAM overlay drawn from the same decoded image.
-Invariant: a bad upload (no field, empty, not JPEG/PNG, over the cap, counted while reading)
-gets a 4xx {"error": ...} and the app keeps serving; one prediction runs at a time.
+script and style run. POST /api/predict takes one image (multipart field `image`) and optional
+patient metadata (text fields `age`, `sex`, `localization`, checked by metadata.parse), decodes
+the image once in memory (stages/lib/prediction.py; nothing is written to disk) and answers
+predict's JSON for it plus `gradcam_png`, a data URL of the Grad-CAM overlay of the same image.
+Invariant: a bad upload (no field, empty, not JPEG/PNG, over the cap, counted while reading) or a
+bad metadata value gets a 4xx {"error": ...} and the app keeps serving; one prediction at a time.
 Cases and tests: docs/faults.md ("predict and serve").
 """
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib import prediction
+from stages.lib import metadata, prediction
 from stages.lib.dataset import CLASS_NAMES, LABELS
 from stages.lib.inference import Predictor
+from stages.lib.metadata import Metadata
 from stages.lib.prediction import FORMATS, NOTICE, Decoded
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # one image file; HAM10000's JPEGs are ~0.25 MB
@@ -40,14 +42,29 @@ class TooLarge(Exception):
 
 
 def page(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> str:
-    """The one HTML page: serve.html with the notice, class names and upload cap filled in."""
+    """The one HTML page: serve.html with the notice, class names, upload cap and the metadata
+    fields' choices filled in."""
     text = PAGE_FILE.read_text(encoding="utf-8")
     fills = {"NOTICE": html.escape(NOTICE), "CLASS_NAMES_JSON": json.dumps(CLASS_NAMES),
              "MAX_MB": f"{max_upload_bytes / 1024 / 1024:g}", "FORMATS": " or ".join(FORMATS),
-             "FIELD": FIELD}
+             "FIELD": FIELD, "AGE_LIMIT": str(metadata.AGE_LIMIT),
+             "SEX_OPTIONS": options(metadata.SEXES), "SITE_OPTIONS": options(metadata.SITES)}
     for key, value in fills.items():
         text = text.replace(f"{{{{{key}}}}}", value)
     return text
+
+
+def options(values: Sequence[str]) -> str:
+    """<option> elements for a select: a blank one (not known), then `values`."""
+    return '<option value="">not known</option>' + "".join(
+        f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)
+
+
+def form_metadata(form) -> Metadata:
+    """The patient metadata in a parsed form's text fields `age`, `sex`, `localization` (each
+    optional; the form holds one file, the image), or a ValueError naming the field and what it
+    accepts."""
+    return metadata.parse(**{field: form.get(field) for field in metadata.FIELDS})
 
 
 def inline_hashes(text: str, tag: str) -> str:
@@ -90,10 +107,11 @@ def gradcam_png(predictor: Predictor, image: Decoded, answer: dict[str, Any]) ->
     return None if shown is None else png_data_url(shown)
 
 
-def describe_upload(predictor: Predictor, data: bytes, filename: str) -> dict[str, Any]:
-    """predict's answer for one uploaded file (its "image" is the upload's name), with
-    "gradcam_png" drawn from the same decoded image when it could be predicted."""
-    answer, image = prediction.describe_bytes(predictor, data, filename)
+def describe_upload(predictor: Predictor, data: bytes, filename: str, given: Metadata | None = None
+                    ) -> dict[str, Any]:
+    """predict's answer for one uploaded file (its "image" is the upload's name) with the patient
+    metadata `given`, and "gradcam_png" drawn from the same decoded image when it was predicted."""
+    answer, image = prediction.describe_bytes(predictor, data, filename, given)
     if image is not None:
         answer["gradcam_png"] = gradcam_png(predictor, image, answer)
     return answer
@@ -155,14 +173,17 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, a
                 return error(400, no_file)
             if upload.size is not None and upload.size > max_upload_bytes:
                 return error(413, too_large)
+            given = form_metadata(form)
             data = await upload.read()
             filename = upload.filename or "upload"
+        except ValueError as err:
+            return error(400, str(err))
         finally:
             await form.close()
 
         def describe() -> dict[str, Any]:
             with model_lock:
-                return describe_upload(predictor, data, filename)
+                return describe_upload(predictor, data, filename, given)
 
         result = await run_in_threadpool(describe)
         if "error" in result:

@@ -1,5 +1,6 @@
 """stages/lib/archive.py: which files a folder or list gives (by extension, sorted, recursive),
-JSON lines written per batch, and resuming a file a killed run left (a cut last line rewritten)."""
+JSON lines written per batch, resuming a file a killed run left (a cut last line rewritten), and
+which patient metadata each image gets (flags, or a CSV row matched by file stem)."""
 from __future__ import annotations
 
 import io
@@ -9,6 +10,7 @@ import os
 import pytest
 
 from stages.lib import archive
+from stages.lib.metadata import NONE, Metadata
 from stages.lib.prediction import Refused, UsageError
 
 
@@ -116,3 +118,16 @@ def test_write_lines_are_ascii_json_whatever_the_name():
     out = io.StringIO()
     archive.write_lines([[answer("red\x1b[31m\u202e.jpg")]], out)
     assert out.getvalue().isascii() and json.loads(out.getvalue())["image"] == "red\x1b[31m\u202e.jpg"
+
+
+def test_metadata_comes_from_the_flags_or_from_the_csv_row_named_by_the_file_stem(tmp_path):
+    assert archive.metadata_source() is None
+    flags = archive.metadata_source(age="70", site="Upper_Extremity")
+    assert flags("a.jpg") == flags("b/c.png") == Metadata(70.0, None, "upper extremity")
+    (tmp_path / "meta.csv").write_text("Image_ID , Age,notes\n ISIC_0024306 ,35,x\nISIC_0024307,,y\nISIC_9,150,z\n")
+    rows = archive.metadata_source(csv=tmp_path / "meta.csv")
+    assert rows("photos/2019/ISIC_0024306.JPG") == Metadata(35.0, None, None)
+    assert rows("ISIC_0024307.png") == NONE, "a missing value is not known"
+    assert rows("ISIC_0024308.jpg") == NONE, "no row: nothing known"
+    assert rows("ISIC_9.jpg") == f"{tmp_path / 'meta.csv'}, line 4: age '150': not a number of years from 0 to 120"
+    assert rows("ISIC_0024306.jpg.png") == NONE, "the stem drops the last extension only"

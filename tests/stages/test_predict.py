@@ -1,7 +1,7 @@
 """Command predict and its library (stages/lib/prediction.py): top-3 ranking, the same
 preprocessing as training, any image mode, per-file errors (a folder, other formats), warnings
 (small images, out of distribution), odd file names, table and JSON output, exit codes, one-line
-usage errors naming what to run, the medical notice."""
+usage errors naming what to run, the medical notice, patient metadata from flags or a CSV."""
 from __future__ import annotations
 
 import io
@@ -21,7 +21,8 @@ from stages import predict
 from stages.lib import archive, prediction
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.images import load_image
-from stages.lib.inference import PLAIN, Decision, Predictor, top_k
+from stages.lib.inference import PLAIN, Decision, MetadataRule, Predictor, prior_bias, top_k
+from stages.lib.metadata import FIELDS, NONE, Metadata, MetadataModel, known_subsets
 from stages.lib.ood import FEATURE_LAYER, OodDetector
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
@@ -270,8 +271,8 @@ def test_an_image_far_below_the_input_size_gets_a_warning(model_and_path, tmp_pa
     assert lines[4].split() == ["warning:", *warning.split()]
 
 
-SHOWN = {"image", "top", "probabilities", "decision", "in_distribution", "ood_score", "mel_probability",
-         "mel_threshold", "warnings"}
+SHOWN = {"image", "top", "probabilities", "weighted", "decision", "reason", "weighting", "in_distribution",
+         "ood_score", "mel_probability", "mel_threshold", "with_metadata", "metadata", "warnings"}
 
 
 @pytest.mark.parametrize("threshold", [1e9, 0.0], ids=["judged", "out-of-distribution"])
@@ -485,3 +486,135 @@ def test_a_missing_list_file_is_a_one_line_usage_error(model_and_path, tmp_path,
     assert predict.main(["--jsonl", "--model", str(model_path), "--list", str(tmp_path / "nope.txt")]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line == f"error: list file {tmp_path / 'nope.txt'}: cannot read (No such file or directory)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient metadata: --age/--sex/--site for every image, or --metadata FILE.csv by file stem.
+# ----------------------------------------------------------------------------------------------
+WIDTH = {"age": 18, "sex": 2, "localization": 14}  # one-hot columns: 5-year bands 0..85, female/male, 14 sites
+
+
+def neutral_metadata_rule(folder: Path, prior_strength: float = 0.0, mel_threshold: float = 0.3) -> MetadataRule:
+    """A metadata path whose model adds no evidence (zero weights, equal class shares: a log ratio
+    of 0 for every set of fields), its file saved in `folder`; its class bias is `prior_strength`
+    times the log class shares of a training set with one dermatofibroma in 1,000 images."""
+    counts = {"akiec": 30, "bcc": 50, "bkl": 110, "df": 1, "mel": 110, "nv": 685, "vasc": 14}
+    class_bias = prior_bias(np.repeat(np.arange(len(CLASSES)), [counts[dx] for dx in CLASSES]), prior_strength)
+    fits = {key: {"coef": np.zeros((len(CLASSES), sum(WIDTH[f] for f in key))), "intercept": np.zeros(len(CLASSES)),
+                  "shares": np.full(len(CLASSES), 1 / len(CLASSES))} for key in known_subsets(FIELDS)}
+    model = MetadataModel(FIELDS, fits)
+    return MetadataRule(weight=1.0, class_bias=tuple(class_bias), prior_strength=prior_strength,
+                        mel_threshold=mel_threshold, temperature=1.0, model=model,
+                        model_file=model.save(folder / "metadata_model.json"))
+
+
+class Recording:
+    """A Predictor that notes the metadata rows each batch was given (None: none passed)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor, self.rows = predictor, []
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def describe(self, images, rows=None):
+        self.rows.append(rows)
+        return self.predictor.describe(images, rows)
+
+
+@pytest.fixture
+def recorded(model_and_path, tmp_path, monkeypatch) -> Recording:
+    """What predict.main loads: the tiny model under a rule with a neutral metadata path, recording."""
+    model, _ = model_and_path
+    rule = Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85,
+                    with_metadata=neutral_metadata_rule(tmp_path))
+    recording = Recording(Predictor(model, rule))
+    monkeypatch.setattr(prediction, "load", lambda *args: recording)
+    return recording
+
+
+def test_flags_reach_the_predictor_for_every_image_and_the_json_says_what_was_used(recorded, good_images, capsys):
+    paths = [str(p) for p in good_images[:2]]
+    assert predict.main(["--json", *paths]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert recorded.rows == [None], "no metadata given: none passed"
+    assert [(r["metadata"], r["with_metadata"]) for r in alone] == [({}, False)] * 2
+    assert predict.main(["--json", "--age", "60", "--sex", "Female", "--site", "lower_extremity", *paths]) == 0
+    used = json.loads(capsys.readouterr().out)
+    told = Metadata(60.0, "female", "lower extremity")
+    assert recorded.rows[1] == [told, told]
+    assert [(r["metadata"], r["with_metadata"]) for r in used] == [
+        ({"age": 60.0, "sex": "female", "localization": "lower extremity"}, True)] * 2
+    for a, b in zip(alone, used):  # the neutral path adds no evidence: the same answer
+        assert (a["top"], a["decision"]) == (b["top"], b["decision"])
+    assert predict.main(["--sex", "male", paths[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert recorded.rows[2] == [Metadata(None, "male", None)]
+    assert lines[4].split() == ["metadata", "used:", "sex", "male"]
+
+
+def test_a_csv_is_matched_by_file_stem_and_a_bad_row_is_that_images_error(recorded, good_images, tmp_path, capsys):
+    """HAM10000's columns plus others (ignored, dx_type too), missing values, an image without a
+    row (the image alone), an age of -3 and an unknown site (that image's error only)."""
+    folder = tmp_path / "archive"
+    (folder / "sub").mkdir(parents=True)
+    names = ["ISIC_0000001.jpg", "ISIC_0000002.png", "sub/ISIC_0000003.jpg", "ISIC_0000004.jpg", "other.jpg"]
+    for name, source in zip(names, good_images):
+        (folder / name).write_bytes(source.read_bytes())
+    (tmp_path / "meta.csv").write_text(
+        "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
+        "HAM_1,ISIC_0000001,mel,histo,45.0,male,lower extremity,vidir\n"
+        "HAM_2,ISIC_0000002,nv,follow_up,,unknown,back,vidir\n"
+        "HAM_3,ISIC_0000003,nv,histo,-3,female,face,vidir\n"
+        "HAM_4,ISIC_0000004,bkl,histo,50,female,moon,vidir\n"
+        "HAM_9,ISIC_0000009,bkl,histo,70,male,back,vidir\n")
+    status = predict.main(["--jsonl", "--metadata", str(tmp_path / "meta.csv"), str(folder)])
+    results = {Path(r["image"]).name: r for r in lines_of(capsys.readouterr().out)}
+    assert status == 1
+    assert results["ISIC_0000001.jpg"]["metadata"] == {"age": 45.0, "sex": "male", "localization": "lower extremity"}
+    assert results["ISIC_0000002.png"]["metadata"] == {"localization": "back"}
+    assert results["ISIC_0000003.jpg"]["error"] == f"{tmp_path / 'meta.csv'}, line 4: age '-3': not a number of " \
+        "years from 0 to 120"
+    assert results["ISIC_0000004.jpg"]["error"].startswith(f"{tmp_path / 'meta.csv'}, line 5: localization 'moon'")
+    assert results["other.jpg"]["metadata"] == {} and not results["other.jpg"]["with_metadata"]
+    assert "top" in results["other.jpg"]
+    [rows] = recorded.rows  # folder order: ISIC_0000001, ISIC_0000002, ISIC_0000004, other, sub/ISIC_0000003
+    assert rows == [Metadata(45.0, "male", "lower extremity"), Metadata(None, None, "back"), NONE]
+
+
+def test_the_table_says_which_metadata_each_image_used_only_when_some_was_given():
+    top = [{"dx": "nv", "name": "melanocytic nevi", "probability": 0.6}]
+    used = {"image": "a.jpg", "top": top, "decision": "nv", "warnings": [],
+            "metadata": {"age": 45.0, "localization": "upper extremity"}, "with_metadata": True}
+    alone = {**used, "image": "b.jpg", "metadata": {}, "with_metadata": False}
+    lines = predict.format_table([used, alone], metadata=True).splitlines()
+    assert lines[2].split() == ["metadata", "used:", "age", "45,", "localization", "upper", "extremity"]
+    assert lines[4].split() == ["metadata:", "none", "used", "(decided", "from", "the", "image", "alone)"]
+    assert "metadata" not in predict.format_table([used, alone])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--age", "-3"], "error: --age: age '-3': not a number of years from 0 to 120"),
+    (["--age", "sixty"], "error: --age: age 'sixty': not a number of years from 0 to 120"),
+    (["--sex", "other"], "error: --sex: sex 'other': not one of female, male (or leave it out)"),
+    (["--site", "moon"], "error: --site: localization 'moon': not one of abdomen, acral, back,"),
+    (["--age", "60", "--metadata", "meta.csv"], "error: give the metadata as --metadata FILE.csv or as "
+                                                "--age/--sex/--site, not both (got --metadata and --age)"),
+    (["--metadata", "no_id.csv"], "error: no_id.csv: no image_id column (HAM10000's columns: image_id, age, sex,"),
+    (["--metadata", "missing.csv"], "error: missing.csv: not a readable CSV ("),
+], ids=["age-negative", "age-not-a-number", "sex", "site", "both-ways", "csv-without-image-id", "csv-missing"])
+def test_bad_metadata_flags_or_file_are_a_one_line_usage_error(model_and_path, good_images, tmp_path, capsys,
+                                                                 monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta.csv").write_text("image_id,age\nrgb,60\n")
+    (tmp_path / "no_id.csv").write_text("lesion_id,age,sex\nHAM_1,60,male\n")
+    _, model_path = model_and_path
+    assert predict.main(["--model", str(model_path), *args, str(good_images[0])]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(words), err
+
+
+def test_the_command_line_stays_within_its_line_budget():
+    """predict and serve are front ends: their logic lives in stages/lib."""
+    assert len((ROOT / "stages" / "predict.py").read_text().splitlines()) <= 200
+    assert len((ROOT / "stages" / "serve.py").read_text().splitlines()) <= 180

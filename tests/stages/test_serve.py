@@ -1,6 +1,7 @@
 """Command serve: the page, the upload API's answers and 4xx errors (Starlette's TestClient on a
-tiny model), the same JSON as `predict --json`, the command line, and a real Chromium on a real
-server (skipped only where no Chromium is installed; .ci/run installs it)."""
+tiny model), patient metadata fields, the same JSON as `predict --json`, the command line, and a
+real Chromium on a real server whose explanation must be true of what the page shows (skipped only
+where no Chromium is installed; .ci/run installs it)."""
 from __future__ import annotations
 
 import base64
@@ -22,9 +23,11 @@ from stages import predict, serve
 from stages.lib import prediction, web
 from stages.lib.dataset import CLASSES
 from stages.lib.inference import Decision
+from stages.lib.metadata import SITES, Metadata
 from stages.lib.shards import read_shards
 from tests.conftest import make_shards
 from tests.fixtures import help_in_fresh_python, image_pixels, jpeg_bytes
+from tests.stages.test_predict import Recording, neutral_metadata_rule
 from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +36,14 @@ LIMIT = 100_000  # the upload cap in these tests: small, so that going over it i
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A saved tiny model and decision file, and both loaded as `serve` loads them."""
+    """A saved tiny model and decision file, and both loaded as `serve` loads them. The rule's
+    metadata path adds no evidence but weighs the rare classes up hard (prior strength -3; never
+    melanoma): with metadata, the decision is the rarest, df, though it is not the most probable."""
     folder = tmp_path_factory.mktemp("serve")
     images, _, _ = read_shards(make_shards(folder / "augmented"), "train")
     tiny_model(images).save(folder / "model.keras")
-    Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85).save(folder / "decision.json")
+    Decision("none", (0.0,) * len(CLASSES), 0.0, 0.3, 0.85,
+             with_metadata=neutral_metadata_rule(folder, -3.0, mel_threshold=1.0)).save(folder / "decision.json")
     return folder, prediction.load(folder / "model.keras")
 
 
@@ -53,8 +59,8 @@ def client(served):
 LESION = jpeg_bytes(image_pixels("lesion", (120, 90)))
 
 
-def upload(client, data: bytes, name: str = "lesion.jpg", field: str = web.FIELD):
-    return client.post("/api/predict", files={field: (name, data, "application/octet-stream")})
+def upload(client, data: bytes, name: str = "lesion.jpg", field: str = web.FIELD, fields: dict | None = None):
+    return client.post("/api/predict", files={field: (name, data, "application/octet-stream")}, data=fields)
 
 
 def test_the_page_is_self_contained_and_carries_the_notice(client):
@@ -67,19 +73,62 @@ def test_the_page_is_self_contained_and_carries_the_notice(client):
     policy = response.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "'unsafe-inline'" not in policy
     assert policy.count("'sha256-") == 2, "exactly the page's own script and style may run"
+    assert '<input type="number" id="age" name="age" min="0" max="120"' in page
+    assert '<select id="sex" name="sex"><option value="">not known</option><option value="female">female' \
+           '</option><option value="male">male</option></select>' in page
+    assert page.count("<option value=") == 3 + 1 + len(SITES) and '<option value="lower extremity">' in page
+    assert "most probable class" not in page, "only the server's reason may say why"
 
 
-def test_a_good_upload_answers_what_predict_prints_for_the_same_file(client, served, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fields, flags", [
+    ({}, []),
+    ({"age": "60", "sex": "female", "localization": "back"}, ["--age", "60", "--sex", "female", "--site", "back"]),
+    ({"age": "", "sex": "unknown", "localization": "face"}, ["--site", "face"]),
+], ids=["image-alone", "all-three", "some-blank"])
+def test_a_good_upload_answers_what_predict_prints_for_the_same_file(client, served, tmp_path, monkeypatch, capsys,
+                                                                    fields, flags):
     folder, _ = served
-    response = upload(client, LESION)
+    response = upload(client, LESION, fields=fields)
     assert response.status_code == 200, response.text
     answer = response.json()
     (tmp_path / "lesion.jpg").write_bytes(LESION)
     monkeypatch.chdir(tmp_path)
-    assert predict.main(["--json", "--model", str(folder / "model.keras"), "lesion.jpg"]) == 0
+    assert predict.main(["--json", "--model", str(folder / "model.keras"), *flags, "lesion.jpg"]) == 0
     [printed] = json.loads(capsys.readouterr().out)
     assert {k: v for k, v in answer.items() if k != "gradcam_png"} == printed
     assert answer["image"] == "lesion.jpg" and answer["decision"] in CLASSES
+    assert answer["with_metadata"] == bool(flags) and (answer["decision"] == "df") == bool(flags)
+
+
+def test_the_metadata_fields_reach_the_predictor(served):
+    from starlette.testclient import TestClient
+
+    _, predictor = served
+    recording = Recording(predictor)
+    with TestClient(web.create_app(recording)) as client:
+        assert upload(client, LESION).status_code == 200
+        answer = upload(client, LESION, fields={"age": " 42.5 ", "sex": "MALE", "localization": "lower_extremity"})
+    assert answer.status_code == 200, answer.text
+    assert recording.rows == [None, [Metadata(42.5, "male", "lower extremity")]]
+    assert answer.json()["metadata"] == {"age": 42.5, "sex": "male", "localization": "lower extremity"}
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"age": "-3"}, "age '-3': not a number of years from 0 to 120"),
+    ({"age": "old"}, "age 'old': not a number of years from 0 to 120"),
+    ({"sex": "x"}, "sex 'x': not one of female, male (or leave it out)"),
+    ({"localization": "moon"}, "localization 'moon': not one of abdomen, acral, back, chest,"),
+], ids=["age-negative", "age-text", "sex", "site"])
+def test_a_bad_metadata_field_is_a_400_naming_it_and_the_server_keeps_serving(client, fields, words):
+    response = upload(client, LESION, fields={"sex": "female", **fields})
+    assert response.status_code == 400 and set(response.json()) == {"error"}
+    assert response.json()["error"].startswith(words), response.json()
+    assert upload(client, LESION).status_code == 200
+
+
+def test_a_metadata_field_sent_as_a_file_is_a_400(client):
+    response = client.post("/api/predict", files=[(web.FIELD, ("a.jpg", LESION)), ("age", ("age.txt", b"60"))])
+    assert response.status_code == 400 and response.json() == {"error": "Too many files. Maximum number of files is 1."}
 
 
 def test_the_answer_carries_a_gradcam_overlay_as_a_png_data_url(client):
@@ -279,10 +328,37 @@ def browser_paths() -> tuple[str, str]:
     return found
 
 
+def read_answer(driver) -> dict:
+    """What the page shows of its answer, checked: the explanation says "most probable" only when
+    the decision is the first class listed; the decided class is listed; each listed class shows a
+    probability and a weighted score, and the decided class's weighted score or the melanoma
+    threshold is the figure the explanation names."""
+    from selenium.webdriver.common.by import By
+
+    decision = driver.find_element(By.ID, "decision").text
+    decided = decision.rsplit("(", 1)[-1].rstrip(")")
+    assert decided in CLASSES, decision
+    why = driver.find_element(By.ID, "decision-why").text
+    rows = [tuple(row.find_element(By.CSS_SELECTOR, css).text for css in (".code", ".pct", ".weighted"))
+            + (row.get_attribute("class"),) for row in driver.find_elements(By.CSS_SELECTOR, "#top li")]
+    rows = [(code.strip("()"), *rest) for code, *rest in rows]
+    assert len(rows) in (3, 4) and all(p.endswith("%") and w.endswith("%") for _, p, w, _ in rows), rows
+    assert [dx for dx, *_, kind in rows if kind == "decided"] == [decided], rows
+    assert why.lower().startswith(decision.rsplit(" (", 1)[0].lower()), (why, decision)
+    assert ("most probable" in why) == (decided == rows[0][0]), (why, rows)
+    weighted = next(w for dx, _, w, _ in rows if dx == decided)
+    assert f"weighted score ({weighted})" in why or f"weighted score {weighted} is at or above" in why, (why, rows)
+    assert driver.find_element(By.ID, "weighting").text.startswith("Weighted score: ")
+    return {"decided": decided, "first": rows[0][0], "why": why, "listed": len(rows),
+            "metadata": driver.find_element(By.ID, "metadata-used").text}
+
+
 def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths, server, tmp_path):
+    """With the patient's details (the served rule's metadata path decides dermatofibroma), then
+    without them (the image alone), then a bad age: each explanation true of the page's figures."""
     from selenium import webdriver
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser, driver_path = browser_paths
     options = webdriver.ChromeOptions()
@@ -294,28 +370,46 @@ def test_a_person_picks_an_image_in_chromium_and_reads_the_answer(browser_paths,
     lesion.write_bytes(LESION)
     (tmp_path / "notes.png").write_text("not an image")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+
+    def pick(path):
+        driver.execute_script("document.getElementById('result').hidden = true;")
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "result").is_displayed()
+                                         or d.find_elements(By.CSS_SELECTOR, "#status .error"))
+
     try:
         driver.get(server)
         assert "not a medical device" in driver.find_element(By.ID, "notice").text
-        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status .error"))
+        pick(tmp_path / "notes.png")
         assert "notes.png: not an image" in driver.find_element(By.ID, "status").text
 
-        driver.find_element(By.ID, "file").send_keys(str(lesion))
-        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        driver.find_element(By.ID, "age").send_keys("60")
+        Select(driver.find_element(By.ID, "sex")).select_by_visible_text("female")
+        Select(driver.find_element(By.ID, "localization")).select_by_visible_text("lower extremity")
+        pick(lesion)
         WebDriverWait(driver, 10).until(lambda d: d.execute_script(
             "return document.getElementById('gradcam').complete && document.getElementById('gradcam').naturalWidth"))
-        decision = driver.find_element(By.ID, "decision").text
-        rows = driver.find_elements(By.CSS_SELECTOR, "#top li")
-        assert len(rows) == 3 and all(row.text.endswith("%") for row in rows)
-        assert any(decision.endswith(f"({dx})") for dx in CLASSES), decision
-        assert "threshold 30.0%" in driver.find_element(By.ID, "decision-why").text
+        told = read_answer(driver)
+        assert told["metadata"] == "Patient details used: age 60, sex female, body site lower extremity."
+        assert told["decided"] == "df" and told["first"] != "df", "the case where the page once said otherwise"
         caption = driver.find_element(By.ID, "original-caption")
         assert caption.text == lesion.name and not caption.find_elements(By.CSS_SELECTOR, "*")
         assert driver.find_element(By.ID, "gradcam").get_attribute("src").startswith("data:image/png;base64,")
         driver.save_screenshot(str(tmp_path / "result.png"))
+
+        driver.find_element(By.ID, "age").clear()
+        for field in ("sex", "localization"):
+            Select(driver.find_element(By.ID, field)).select_by_value("")
+        pick(lesion)
+        alone = read_answer(driver)
+        assert alone["metadata"] == "Decided from the image alone (no patient details used)."
+        assert alone["decided"] == (alone["first"] if "threshold" not in alone["why"] else "mel"), alone
+
+        driver.find_element(By.ID, "age").send_keys("-3")
+        pick(lesion)
+        assert "age '-3': not a number of years" in driver.find_element(By.ID, "status").text
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
-                  and "api/predict" not in entry["message"]]  # the refused upload's 422 is expected
+                  and "api/predict" not in entry["message"]]  # the refused uploads' 4xx are expected
         assert not errors, errors
     finally:
         driver.quit()
