@@ -25,8 +25,8 @@ from stages.evaluate import (
     EvaluateParams,
     choose_decision,
     corrected_ba,
-    lesion_group_of_each_image,
     real_train_labels,
+    rows_of_each_image,
 )
 from stages.lib.files import atomic_write_json
 from stages.lib.inference import prior_bias
@@ -81,7 +81,7 @@ def main() -> None:
     candidate = dataclasses.replace(committed, prior_strengths=list(args.grid))
     train_labels = real_train_labels(args.data)
     _, val_labels, val_ids = read_shards(args.data, "val")
-    groups = lesion_group_of_each_image(args.split_dir, "val", val_ids)
+    groups = rows_of_each_image(args.split_dir, "val", val_ids)["lesion_group"].to_numpy()
     halvings = lesion_halvings(groups, args.halvings, committed.seed)
     rows = {}
     for run in args.runs:

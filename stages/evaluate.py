@@ -6,8 +6,11 @@ only** and stored in models/decision.json + models/ood.npz (stages/lib/inference
 class-prior strength (best balanced accuracy), the melanoma threshold (the highest that reaches
 `mel_sensitivity_target`), the calibration temperature of the shown probabilities (NLL) and the
 out-of-distribution threshold (keeps `ood_keep` of validation lesions; Gaussians fitted on
-training features). Every figure comes from inference.judge, the computation predict and the
-web page use. Test is then scored with that fixed rule, and so are data/non_lesions's images
+training features); the same for the metadata path (`with_metadata`: the image probabilities
+times the metadata model's likelihood ratio, stage `metadata`), scored on each image's own
+age, sex and site from the split CSVs. Every figure comes from inference.judge, the computation
+predict and the web page use; each validation answer and its explanation go to answers*.csv.
+Test is then scored with that fixed rule, and so are data/non_lesions's images
 (share answered "unknown"), unless `score_test` is false (seed sweeps): metrics/test.json is then
 {"scored": false} and test is not read at all. Outputs: metrics/{val,test}.json (headline
 figures, all scalars; the few `dvc exp show` lists also in metrics/headline/, short-named),
@@ -24,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.lib import ood
+from stages.lib import metadata, ood
 from stages.lib.calibration import BINS, CURVES, calibration_figures, fit_temperature, top_class_table
 from stages.lib.cli import StageError, run_stage
 from stages.lib.dataset import CLASSES, MELANOMA
@@ -34,8 +37,10 @@ from stages.lib.images import load_image
 from stages.lib.inference import (
     Decision,
     Judgement,
+    MetadataRule,
     class_shares,
     corrected,
+    describe,
     feature_model,
     judge,
     model_outputs,
@@ -51,8 +56,9 @@ NEVUS = CLASSES.index("nv")
 # metrics/headline/{split}.json: the figures `dvc exp show` lists (README), nested under the split
 # with names short enough for its columns: balanced accuracy, melanoma sensitivity at the operating
 # point; split -> {name: its key in metrics/{split}.json}.
-HEADLINE = {"val": {"bacc": "balanced_accuracy"},
-            "test": {"bacc": "balanced_accuracy", "mel_sens": "operating_point.mel_sensitivity"}}
+HEADLINE = {"val": {"bacc": "balanced_accuracy", "bacc_meta": "with_metadata.balanced_accuracy"},
+            "test": {"bacc": "balanced_accuracy", "bacc_meta": "with_metadata.balanced_accuracy",
+                     "mel_sens": "operating_point.mel_sensitivity"}}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class EvaluateParams:
     ood_keep: float = 0.98              # share of validation lesions the out-of-distribution threshold keeps
     ood_fit_images: int = 3000          # real training images (seeded draw) the class Gaussians are fitted on
     score_test: bool = True             # false: test is not read (seed sweeps); test.json says {"scored": false}
+    metadata_weight: float = 1.0        # the metadata likelihood ratio's power; 0: no metadata path
 
     def __post_init__(self) -> None:
         in_range("batch_size", self.batch_size, 1)
@@ -73,6 +80,7 @@ class EvaluateParams:
         in_range("bootstrap_samples", self.bootstrap_samples, 100)
         in_range("ood_keep", self.ood_keep, 0.5, 1)
         in_range("ood_fit_images", self.ood_fit_images, 2 * len(CLASSES))
+        in_range("metadata_weight", self.metadata_weight, 0, 10)
         if not self.prior_strengths:
             raise ValueError("prior_strengths must list at least one value (0.0: no correction)")
         for strength in self.prior_strengths:
@@ -214,6 +222,50 @@ def with_shown_and_ood(decision: Decision, params: EvaluateParams, val_labels: n
                                class_prior=tuple(float(p) for p in prior), ood=detector)
 
 
+def with_metadata_rule(decision: Decision, params: EvaluateParams, val: Scored, train_labels: np.ndarray,
+                       model: metadata.MetadataModel, model_file: dict[str, str]) -> Decision:
+    """`decision` plus the metadata path's rule, chosen on the validation images whose metadata it
+    uses, as the image rule is on all: prior strength, melanoma threshold, temperature."""
+    used = np.array([bool(model.fitted(row.known)) for row in val.rows], bool)
+    if params.metadata_weight == 0 or not used.any():
+        return decision
+    rows = [row for row, u in zip(val.rows, used) if u]
+    combined = metadata.combine(val.proba[used], model.log_ratio(rows), params.metadata_weight)
+    chosen = choose_decision(params, val.labels[used], combined, train_labels)
+    temperature = fit_temperature(val.labels[used], combined, decision.class_prior)
+    return dataclasses.replace(decision, with_metadata=MetadataRule(
+        weight=params.metadata_weight, class_bias=chosen.class_bias, prior_strength=chosen.prior_strength,
+        mel_threshold=chosen.mel_threshold, temperature=temperature, model=model, model_file=model_file))
+
+
+def metadata_metrics(data: Scored, judged: Judgement, params: EvaluateParams) -> dict:
+    """with_metadata's figures, each image with its own metadata: balanced accuracy, its interval,
+    the operating point's melanoma figures (few: metrics/ holds at most 100 figures in all)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    low, high = balanced_accuracy_ci(data.labels, judged.corrected.argmax(axis=1), data.groups,
+                                     params.bootstrap_samples, params.seed)
+    point = operating_point(data.labels, judged.decided)
+    return {"balanced_accuracy": float(balanced_accuracy_score(data.labels, judged.corrected.argmax(axis=1))),
+            "balanced_accuracy_ci95_low": low, "balanced_accuracy_ci95_high": high,
+            "operating_point": {key: point[key] for key in ("mel_sensitivity", "mel_specificity")},
+            "images_with_metadata": int(judged.with_metadata.sum())}
+
+
+def answers_csv(decision: Decision, data: Scored, judged: Judgement, rows: list | None) -> str:
+    """Per image, the answer people are shown (inference.describe): decision, its reason, the
+    shown probabilities and weighted scores; what tests/test_explanations.py checks the words against."""
+    import pandas as pd
+
+    said = describe(decision, judged, rows)
+    table = pd.DataFrame({"image_id": data.image_ids, "with_metadata": [a["with_metadata"] for a in said],
+                          "decision": [a["decision"] for a in said], "reason": [a["reason"] for a in said],
+                          "mel_threshold": [round(a["mel_threshold"], 4) for a in said],
+                          **{f"p_{dx}": [a["probabilities"][dx] for a in said] for dx in CLASSES},
+                          **{f"w_{dx}": [a["weighted"][dx] for a in said] for dx in CLASSES}})
+    return table.to_csv(index=False, lineterminator="\n")
+
+
 def reliability_csv(labels: np.ndarray, shown: np.ndarray, uncalibrated: np.ndarray) -> str:
     """The reliability diagram of both curves (column `probabilities`: calibrated or uncalibrated),
     top class, equal-width bins: bin, mean confidence, accuracy and count."""
@@ -287,15 +339,23 @@ def real_train_labels(data_dir: Path) -> np.ndarray:
     return np.repeat(np.arange(len(CLASSES)), [counts[dx] for dx in CLASSES])
 
 
-def lesion_group_of_each_image(split_dir: Path, split: str, image_ids: np.ndarray) -> np.ndarray:
-    """The lesion group of each image, in shard order, looked up in split's CSV."""
-    table = read_table(Path(split_dir) / f"{split}.csv", required=("image_id", "lesion_group"))
-    group_of = dict(zip(table["image_id"], table["lesion_group"]))
-    missing = [i for i in image_ids if i not in group_of]
+def rows_of_each_image(split_dir: Path, split: str, image_ids: np.ndarray):
+    """split's CSV rows (lesion group, age, sex, localization, ...) of each image, in shard order."""
+    path = Path(split_dir) / f"{split}.csv"
+    table = read_table(path, required=("image_id", "lesion_group")).set_index("image_id")
+    missing = [i for i in image_ids if i not in table.index]
     if missing:
-        raise StageError(f"{Path(split_dir) / f'{split}.csv'}: no row for image {missing[0]} "
-                         f"(data/augmented is from another split: dvc repro augment)")
-    return np.array([group_of[i] for i in image_ids])
+        raise StageError(f"{path}: no row for image {missing[0]} "
+                         "(data/augmented is from another split: dvc repro augment)")
+    return table.loc[list(image_ids)]
+
+
+def metadata_of(table, where: Path) -> list[metadata.Metadata]:
+    """Each row's Metadata (a bad value: an error naming the file)."""
+    try:
+        return metadata.of_table(table)
+    except ValueError as err:
+        raise StageError(f"{where}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -307,6 +367,7 @@ class Scored:
     features: np.ndarray   # pooled features, for the out-of-distribution score
     groups: np.ndarray
     image_ids: np.ndarray
+    rows: list             # each image's Metadata (age, sex, localization), from the split CSV
 
 
 def split_metrics(data: Scored, judged: Judgement, params: EvaluateParams) -> tuple[dict, dict[str, str]]:
@@ -365,8 +426,10 @@ def log_split(split: str, m: dict) -> None:
 def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"),
          split_dir: Path = Path("data/split"), model_path: Path = Path("models/model.keras"),
          decision_path: Path = Path("models/decision.json"), ood_path: Path = Path("models/ood.npz"),
-         metrics_dir: Path = Path("metrics"), non_lesions_dir: Path = Path("data/non_lesions")) -> None:
+         metrics_dir: Path = Path("metrics"), non_lesions_dir: Path = Path("data/non_lesions"),
+         metadata_path: Path = Path("models/metadata.json")) -> None:
     params = load_params("evaluate", EvaluateParams, params_path)
+    meta_model, meta_file = metadata.MetadataModel.read(Path(metadata_path))
     if not Path(model_path).is_file():
         raise StageError(f"{model_path}: no trained model (run: dvc repro train)")
     import keras
@@ -381,13 +444,15 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
     scored = {}
     for split in ("val", "test") if params.score_test else ("val",):
         images, labels, image_ids = read_shards(data_dir, split)
-        groups = lesion_group_of_each_image(split_dir, split, image_ids)
-        scored[split] = Scored(labels, *outputs(images, split), groups, image_ids)
+        table = rows_of_each_image(split_dir, split, image_ids)
+        scored[split] = Scored(labels, *outputs(images, split), table["lesion_group"].to_numpy(), image_ids,
+                               metadata_of(table, Path(split_dir) / f"{split}.csv"))
     val, train_labels = scored["val"], real_train_labels(data_dir)
     fit_images, fit_labels = sample_images(data_dir, "train", params.ood_fit_images, params.seed)
     _, fit_features = outputs(fit_images, "training images (out-of-distribution fit)")
     decision = with_shown_and_ood(choose_decision(params, val.labels, val.proba, train_labels), params, val.labels,
                                   val.proba, val.features, train_labels, fit_labels, fit_features)
+    decision = with_metadata_rule(decision, params, val, train_labels, meta_model, meta_file)
     log.info("chosen on val: tta %s, prior strength %.2f, melanoma threshold %.4f, temperature %.3f, "
              "out-of-distribution threshold %.2f", decision.tta, decision.prior_strength, decision.mel_threshold,
              decision.temperature, decision.ood.threshold)
@@ -396,6 +461,14 @@ def main(params_path: Path = PARAMS_FILE, data_dir: Path = Path("data/augmented"
         judged[split] = judge(decision, data.proba, data.features)
         results[split], tables[split] = split_metrics(data, judged[split], params)
         log_split(split, results[split])
+        if decision.with_metadata is not None:
+            both = judge(decision, data.proba, data.features, data.rows)
+            results[split]["with_metadata"] = metadata_metrics(data, both, params)
+            log.info("%s with metadata (%d of %d images): balanced accuracy %.4f", split,
+                     both.with_metadata.sum(), len(data.labels), results[split]["with_metadata"]["balanced_accuracy"])
+            if split == "val":
+                tables[split]["answers_with_metadata.csv"] = answers_csv(decision, data, both, data.rows)
+    tables["val"]["answers.csv"] = answers_csv(decision, val, judged["val"], None)
     results["val"]["decision"] = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold,
                                   "temperature": decision.temperature}
     if params.score_test:

@@ -1,7 +1,7 @@
 """dvc.yaml as a DVC user meets it: few metrics, plots that are right and render, registry entries.
 
-- The declared metrics files hold at most 80 figures in all (what `dvc metrics show`, `dvc exp
-  show` and a pull request's metrics diff display).
+- The declared metrics files hold at most 100 figures in all (what `dvc metrics show`, `dvc exp
+  show` and a pull request's metrics diff display; two answer paths: image alone, with metadata).
 - Every plot in dvc.yaml renders, from the specs DVC itself fills (`dvc plots show --json`), to an
   image with vl-convert (no browser), on small files in the formats the stages write; the
   normalised confusion matrix's rows (true classes) sum to 1; curves have one colour per class
@@ -36,7 +36,7 @@ from tests.fixtures import scene_marks
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 TEMPLATES = ROOT / ".dvc" / "plots"
-MAX_FIGURES = 80
+MAX_FIGURES = 100
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
@@ -60,7 +60,7 @@ def figures(value) -> int:
     return 0
 
 
-def test_declared_metrics_hold_at_most_80_figures():
+def test_declared_metrics_hold_at_most_100_figures():
     counts = {path: figures(json.loads((ROOT / path).read_text(encoding="utf-8"))) for path in declared_metrics()}
     assert "metrics/test.json" in counts and "metrics/val.json" in counts
     assert sum(counts.values()) <= MAX_FIGURES, f"{sum(counts.values())} figures declared as metrics: {counts}"

@@ -11,13 +11,17 @@ One module, used by `evaluate` (which chooses the rule and scores it), `predict`
   distribution (stages/lib/ood.py).
 - Shown probabilities: calibrated (stages/lib/calibration.py) to HAM10000's class mix. They do not
   decide: what decides and what is shown are separate, so calibration never moves a figure of the rule.
+- Metadata (age, sex, site; stages/lib/metadata.py): where an image comes with some, its
+  probabilities are multiplied by their likelihood ratio (`metadata.combine`), and the same rule
+  decides with its own values, chosen on validation for that path (`MetadataRule`).
+`describe` says why each decision is what it is (`reason`), in words true of the figures shown.
 `load_decision`, the one reader of decision.json, checks every key and names the file, the key
 and the fix in one line.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +30,7 @@ import numpy as np
 from stages.lib.calibration import calibrated, reweighted
 from stages.lib.cli import ParamError, StageError
 from stages.lib.dataset import CLASS_NAMES, CLASSES, MELANOMA
+from stages.lib.metadata import Metadata, MetadataModel, combine
 from stages.lib.ood import FEATURE_LAYER, OodDetector
 from stages.lib.params import from_dict, in_range
 
@@ -117,21 +122,50 @@ class Decision:
     temperature: float = 1.0         # shown probabilities: softmax(log p / T + log class_prior)
     class_prior: tuple[float, ...] | None = None  # shown probabilities' class shares (None: uniform)
     ood: OodDetector | None = None   # "unknown" above its threshold (None: every image is judged)
+    with_metadata: MetadataRule | None = None  # the rule for images that come with metadata (None: ignored)
+
+    def for_metadata(self) -> Decision:
+        """This rule with the metadata path's own values (the same views, prior and detector)."""
+        rule = self.with_metadata
+        return replace(self, class_bias=rule.class_bias, prior_strength=rule.prior_strength,
+                       mel_threshold=rule.mel_threshold, temperature=rule.temperature, with_metadata=None)
 
     def save(self, path: Path, ood_path: Path | None = None) -> dict:
         """Write decision.json at `path`, and the detector's parameters at `ood_path` (default:
-        ood.npz beside it), parameters first: the record names them with their checksum."""
+        ood.npz beside it), parameters first: the record names them with their checksum. The
+        metadata model is stage `metadata`'s file; the record names it with its checksum."""
         from stages.lib.files import atomic_write_json
 
         ood = None
         if self.ood is not None:
             ood = self.ood.save(Path(ood_path) if ood_path else Path(path).with_name("ood.npz"))
-        record = {**{k: v for k, v in asdict(self).items() if k not in ("ood", "class_prior")},
+        record = {**{k: v for k, v in asdict(self).items() if k not in ("ood", "class_prior", "with_metadata")},
                   "class_bias": dict(zip(CLASSES, self.class_bias)),
                   "class_prior": None if self.class_prior is None else dict(zip(CLASSES, self.class_prior)),
                   "ood": ood, "chosen_on": "val"}
+        if self.with_metadata is not None:
+            record["with_metadata"] = self.with_metadata.record()
         atomic_write_json(Path(path), record)
         return record
+
+
+@dataclass(frozen=True, eq=False)
+class MetadataRule:
+    """The metadata path: probabilities times the metadata's likelihood ratio to `weight`, then
+    the decision rule's steps with these values (chosen on validation for this path)."""
+
+    weight: float
+    class_bias: tuple[float, ...]
+    prior_strength: float
+    mel_threshold: float
+    temperature: float
+    model: MetadataModel
+    model_file: dict[str, str]       # {"file", "sha256"}: the metadata stage's file it was chosen with
+
+    def record(self) -> dict[str, Any]:
+        return {"weight": self.weight, "class_bias": dict(zip(CLASSES, self.class_bias)),
+                "prior_strength": self.prior_strength, "mel_threshold": self.mel_threshold,
+                "temperature": self.temperature, "model": self.model_file}
 
 
 PLAIN = Decision(tta="none", class_bias=(0.0,) * len(CLASSES), prior_strength=0.0, mel_threshold=1.0,
@@ -153,6 +187,7 @@ class DecisionRecord:
     class_prior: dict[str, float] | None
     ood: dict[str, Any] | None       # checked by OodDetector.load
     chosen_on: Literal["val"] = "val"
+    with_metadata: MetadataRecord | None = None
 
     def __post_init__(self) -> None:
         in_range("prior_strength", self.prior_strength, -10, 10)
@@ -168,6 +203,27 @@ class DecisionRecord:
             in_range(f"class_prior.{dx}", share, 0, lo_open=True)
 
 
+@dataclass(frozen=True)
+class MetadataRecord:
+    """decision.json's `with_metadata`: MetadataRule.record, checked as DecisionRecord is."""
+
+    weight: float
+    class_bias: dict[str, float]
+    prior_strength: float
+    mel_threshold: float
+    temperature: float
+    model: dict[str, str]            # {"file", "sha256"}, checked by MetadataModel.load
+
+    def __post_init__(self) -> None:
+        in_range("weight", self.weight, 0, 10)
+        in_range("prior_strength", self.prior_strength, -10, 10)
+        in_range("mel_threshold", self.mel_threshold, 0, 1)
+        in_range("temperature", self.temperature, 0, 1000, lo_open=True)
+        if sorted(self.class_bias) != sorted(CLASSES):
+            raise ValueError(f"class_bias must have one value per class ({', '.join(CLASSES)}), got keys "
+                             f"{sorted(self.class_bias)}")
+
+
 def load_decision(path: Path) -> Decision:
     """The rule evaluate stored at `path` (and its ood.npz), every key checked; a StageError of one
     line naming the file, the key, the bad value and `dvc repro evaluate` otherwise."""
@@ -180,13 +236,18 @@ def load_decision(path: Path) -> Decision:
         raise StageError(f"{path}: {err} ({REMEDY})") from None
     try:
         ood = None if record.ood is None else OodDetector.load(record.ood, path.parent, str(path))
+        meta = record.with_metadata
+        rule = None if meta is None else MetadataRule(
+            weight=meta.weight, class_bias=tuple(meta.class_bias[dx] for dx in CLASSES),
+            prior_strength=meta.prior_strength, mel_threshold=meta.mel_threshold, temperature=meta.temperature,
+            model=MetadataModel.load(meta.model, path.parent, str(path)), model_file=meta.model)
     except StageError as err:
         raise StageError(f"{err} ({REMEDY})") from None
     return Decision(tta=record.tta, class_bias=tuple(record.class_bias[dx] for dx in CLASSES),
                     prior_strength=record.prior_strength, mel_threshold=record.mel_threshold,
                     mel_sensitivity_target=record.mel_sensitivity_target, temperature=record.temperature,
                     class_prior=None if record.class_prior is None else tuple(record.class_prior[dx] for dx in CLASSES),
-                    ood=ood)
+                    ood=ood, with_metadata=rule)
 
 
 def prior_bias(train_labels: np.ndarray, strength: float) -> np.ndarray:
@@ -234,16 +295,42 @@ class Judgement:
     shown: np.ndarray             # (N, 7) calibrated probabilities: what people are shown
     ood_score: np.ndarray         # (N,) out-of-distribution score (0 without a detector)
     in_distribution: np.ndarray   # (N,) bool: False -> the answer is "unknown"
+    mel_threshold: np.ndarray     # (N,) the threshold each row's melanoma decision used
+    with_metadata: np.ndarray     # (N,) bool: the metadata path decided (its rule and probabilities)
 
 
-def judge(decision: Decision, proba: np.ndarray, features: np.ndarray) -> Judgement:
-    """The answers for model outputs (`model_outputs`): the one computation behind every figure."""
+def _judge(decision: Decision, proba: np.ndarray, features: np.ndarray) -> Judgement:
     fixed = corrected(proba, decision.class_bias)
     scores = decision.ood.score(features) if decision.ood is not None else np.zeros(len(proba))
     inside = decision.ood.in_distribution(scores) if decision.ood is not None else np.ones(len(proba), bool)
     return Judgement(corrected=fixed, decided=decide(fixed, decision.mel_threshold),
                      shown=calibrated(proba, decision.temperature, decision.class_prior), ood_score=scores,
-                     in_distribution=inside)
+                     in_distribution=inside, mel_threshold=np.full(len(proba), decision.mel_threshold),
+                     with_metadata=np.zeros(len(proba), bool))
+
+
+def metadata_used(decision: Decision, rows: list[Metadata] | None, n: int) -> np.ndarray:
+    """(N,) bool: the rows whose metadata the rule uses (it has a metadata path, and a fitted field is known)."""
+    if decision.with_metadata is None or rows is None:
+        return np.zeros(n, bool)
+    return np.array([bool(decision.with_metadata.model.fitted(row.known)) for row in rows], bool)
+
+
+def judge(decision: Decision, proba: np.ndarray, features: np.ndarray, rows: list[Metadata] | None = None
+          ) -> Judgement:
+    """The answers for model outputs (`model_outputs`) and, optionally, each image's metadata: the
+    one computation behind every figure. A row with usable metadata is judged on the combined
+    probabilities under the metadata path's rule; every other row on the image alone."""
+    image = _judge(decision, proba, features)
+    used = metadata_used(decision, rows, len(proba))
+    if not used.any():
+        return image
+    rule = decision.with_metadata
+    both = _judge(decision.for_metadata(), combine(proba, rule.model.log_ratio(rows), rule.weight), features)
+    pick = {name: np.where(used.reshape((-1,) + (1,) * (getattr(image, name).ndim - 1)),
+                           getattr(both, name), getattr(image, name))
+            for name in ("corrected", "decided", "shown", "mel_threshold")}
+    return replace(image, **pick, with_metadata=used)
 
 
 def top_k(proba: np.ndarray, k: int = TOP) -> list[dict[str, Any]]:
@@ -253,15 +340,47 @@ def top_k(proba: np.ndarray, k: int = TOP) -> list[dict[str, Any]]:
             for c in order]
 
 
-def describe(decision: Decision, judged: Judgement) -> list[dict[str, Any]]:
+def weighting(strength: float) -> str:
+    """What the weighted scores are, for a prior strength (the sign says which classes gain)."""
+    if strength == 0:
+        return "Weighted score: the model's own probability, before calibration (no class is weighed up)."
+    gains = "rarer diseases weighed up" if strength < 0 else "commoner diseases weighed up"
+    return (f"Weighted score: the model's probability with {gains} (class-prior strength {strength:g}, chosen on "
+            "validation for balanced accuracy); the top weighted score decides, unless melanoma reaches its threshold.")
+
+
+def reason(decision: Decision, judged: Judgement, n: int) -> str:
+    """Why row n's decision is what it is, in words true of the figures shown for it: "the most
+    probable class" only when the decision is the first class listed (`top_k` of `shown`)."""
+    if not judged.in_distribution[n]:
+        return ("No diagnosis: the image is unlike the dermoscopic images the model was trained on "
+                "(out of distribution), so its probabilities are not trusted.")
+    code, shown, weighted = int(judged.decided[n]), judged.shown[n], judged.corrected[n]
+    name, first = CLASS_NAMES[CLASSES[code]].capitalize(), int(np.argsort(-shown, kind="stable")[0])
+    said = "the most probable class shown" if code == first else \
+        f"although {CLASS_NAMES[CLASSES[first]]} is more probable ({shown[first]:.1%})"
+    if code == MELANOMA and weighted[MELANOMA] >= judged.mel_threshold[n]:
+        return (f"{name}: its weighted score {weighted[MELANOMA]:.1%} is at or above the melanoma threshold "
+                f"{judged.mel_threshold[n]:.1%}, set on validation to find "
+                f"{decision.mel_sensitivity_target:.0%} of melanomas; {said}.")
+    return f"{name}: the highest weighted score ({weighted[code]:.1%}); {said}."
+
+
+def describe(decision: Decision, judged: Judgement, rows: list[Metadata] | None = None) -> list[dict[str, Any]]:
     """Per image, what people are shown (see Predictor.describe)."""
+    rule = decision.with_metadata
     return [{"top": top_k(judged.shown[n]),
              "probabilities": {dx: round(float(judged.shown[n, k]), DIGITS) for k, dx in enumerate(CLASSES)},
+             "weighted": {dx: round(float(judged.corrected[n, k]), DIGITS) for k, dx in enumerate(CLASSES)},
              "decision": CLASSES[judged.decided[n]] if judged.in_distribution[n] else UNKNOWN,
+             "reason": reason(decision, judged, n),
+             "weighting": weighting(rule.prior_strength if judged.with_metadata[n] else decision.prior_strength),
              "in_distribution": bool(judged.in_distribution[n]),
              "ood_score": round(float(judged.ood_score[n]), DIGITS),
              "mel_probability": float(judged.corrected[n, MELANOMA]),  # unrounded: compared with the threshold
-             "mel_threshold": float(decision.mel_threshold)}
+             "mel_threshold": float(judged.mel_threshold[n]),
+             "with_metadata": bool(judged.with_metadata[n]),
+             "metadata": rows[n].as_dict() if judged.with_metadata[n] else {}}
             for n in range(len(judged.decided))]
 
 
@@ -277,13 +396,17 @@ class Predictor:
         """(probabilities, features) of `images` under the decision's test-time views."""
         return model_outputs(self.features_model, images, self.decision.tta, self.batch_size)
 
-    def judge(self, images: np.ndarray) -> Judgement:
-        return judge(self.decision, *self.outputs(images))
+    def judge(self, images: np.ndarray, rows: list[Metadata] | None = None) -> Judgement:
+        return judge(self.decision, *self.outputs(images), rows)
 
-    def describe(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """Per image of `images` (uint8, N x size x size x 3): {"top": 3 x {dx, name, probability},
-        "probabilities": {dx: p}, "decision": dx or "unknown", "in_distribution", "ood_score",
-        "mel_probability" (the corrected p(mel) the threshold is applied to), "mel_threshold"}.
-        Probabilities are calibrated and rounded to 4 decimals, as is ood_score; the melanoma
-        figures are not, so that reading them gives the decision's own comparison."""
-        return describe(self.decision, self.judge(images))
+    def describe(self, images: np.ndarray, rows: list[Metadata] | None = None) -> list[dict[str, Any]]:
+        """Per image of `images` (uint8, N x size x size x 3), with its Metadata in `rows` if any:
+        {"top": 3 x {dx, name, probability}, "probabilities": {dx: p} (calibrated, shown),
+        "weighted": {dx: score} (prior-corrected: they decide), "decision": dx or "unknown",
+        "reason": why, in words true of these figures, "weighting": what the weighted score is,
+        "in_distribution", "ood_score",
+        "mel_probability" (the weighted p(mel) the threshold is applied to), "mel_threshold",
+        "with_metadata" (the metadata path decided), "metadata" (the fields it used; {} if none)}.
+        Probabilities, scores and ood_score are rounded to 4 decimals; the melanoma figures are
+        not, so that reading them gives the decision's own comparison."""
+        return describe(self.decision, self.judge(images, rows), rows)

@@ -204,6 +204,14 @@ def metrics_section(val: dict[str, Any], test: dict[str, Any],
                      (val.get("decision") or {}).get("mel_threshold"), None])
         rows += [[label, (val.get("operating_point") or {}).get(key), (test.get("operating_point") or {}).get(key)]
                  for key, label in OPERATING_POINT_ROWS]
+    both = [val.get("with_metadata") or {}, test.get("with_metadata") or {}]
+    if any(both):
+        rows += [["**balanced accuracy with age, sex and site** (each image's own metadata)"] +
+                 [m.get("balanced_accuracy") for m in both],
+                 ["balanced accuracy with metadata, 95% interval"] + [interval(m) or "–" for m in both]]
+        rows += [[f"{label}, with metadata"] + [(m.get("operating_point") or {}).get(key) for m in both]
+                 for key, label in OPERATING_POINT_ROWS[:2]]
+        rows.append(["images whose metadata was used"] + [m.get("images_with_metadata") for m in both])
     test_details = details.get("test")
     nv = "most" if test_details is None else \
         f"{int(test_details.loc[test_details['dx'] == 'nv', 'support'].sum()) / max(images['test'], 1):.0%}"

@@ -116,8 +116,10 @@ def test_describe_gives_the_contracts_fields_rounded_and_calibrated(model_and_im
     results = predictor.describe(images)
     assert len(results) == len(images)
     for result in results:
-        assert set(result) == {"top", "probabilities", "decision", "in_distribution", "ood_score", "mel_probability",
-                               "mel_threshold"}
+        assert set(result) == {"top", "probabilities", "weighted", "decision", "reason", "weighting",
+                               "in_distribution", "ood_score", "mel_probability", "mel_threshold", "with_metadata",
+                               "metadata"}
+        assert result["with_metadata"] is False and result["metadata"] == {}
         assert [set(c) for c in result["top"]] == [{"dx", "name", "probability"}] * 3
         assert all(CLASS_NAMES[c["dx"]] == c["name"] for c in result["top"])
         assert list(result["probabilities"]) == list(CLASSES)

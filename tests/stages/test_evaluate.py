@@ -23,12 +23,15 @@ from stages.lib.inference import (
     predict_proba,
     threshold_for_sensitivity,
 )
+from stages.metadata import main as fit_metadata
 from tests.conftest import make_shards
 from tests.fixtures import write_params
 from tests.tiny_model import tiny_model
 
 EVALUATE = {"batch_size": 8, "tta": "flips", "prior_strengths": [0.0, 0.5], "mel_sensitivity_target": 0.85,
-            "bootstrap_samples": 200, "seed": 1, "ood_keep": 0.9, "ood_fit_images": 50, "score_test": True}
+            "bootstrap_samples": 200, "seed": 1, "ood_keep": 0.9, "ood_fit_images": 50, "score_test": True,
+            "metadata_weight": 1.0}
+METADATA = {"fields": ["age", "sex", "localization"], "regularization": 1.0}
 EVALUATE_KEYS = {k: v for k, v in EVALUATE.items() if k != "batch_size"}
 
 # 10 hand-made cases: true label and the predicted probabilities.
@@ -191,14 +194,27 @@ def test_every_tta_setting_has_its_views():
     assert set(VIEWS) == set(typing.get_args(TTA))
 
 
+SITES = ("back", "face", "lower extremity")
+
+
+def metadata_columns(n: int, k: int, split: str) -> str:
+    """age, sex, localization of image n of class k: age says something of the class; outside
+    train every 5th row lacks its age, every 7th its sex, every 9th its site (never all three)."""
+    age = "" if split != "train" and n % 5 == 4 else str(20 + 10 * k)
+    sex = "unknown" if split != "train" and n % 7 == 6 else ("female", "male")[n % 2]
+    site = "unknown" if split != "train" and n % 9 == 8 else SITES[n % 3]
+    return f"{age},{sex},{site}"
+
+
 def write_split_csvs(folder, shards):
     from stages.lib.shards import read_shards
 
     folder.mkdir(parents=True)
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         _, labels, ids = read_shards(shards, split)
-        rows = ["image_id,lesion_id,lesion_group,dx,label"]
-        rows += [f"{i},L{n // 2},L{n // 2},{CLASSES[k]},{k}" for n, (i, k) in enumerate(zip(ids, labels))]
+        rows = ["image_id,lesion_id,lesion_group,dx,label,age,sex,localization,dx_type"]
+        rows += [f"{i},L{n // 2},L{n // 2},{CLASSES[k]},{k},{metadata_columns(n, k, split)},histo"
+                 for n, (i, k) in enumerate(zip(ids, labels))]
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -230,11 +246,13 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     shards = make_shards(tmp / "augmented")
     tiny_model(read_shards(shards, "train")[0]).save(tmp / "model.keras")
-    params = write_params(tmp / "params.yaml", evaluate=EVALUATE)
+    params = write_params(tmp / "params.yaml", evaluate=EVALUATE, metadata=METADATA)
     split_dir = write_split_csvs(tmp / "split", shards)
+    fit_metadata(params, split_dir, tmp / "models" / "metadata.json")
     paths = {"params_path": params, "data_dir": shards, "split_dir": split_dir, "model_path": tmp / "model.keras",
              "decision_path": tmp / "models" / "decision.json", "ood_path": tmp / "models" / "ood.npz",
-             "metrics_dir": tmp / "metrics", "non_lesions_dir": write_non_lesions(tmp / "non_lesions")}
+             "metrics_dir": tmp / "metrics", "non_lesions_dir": write_non_lesions(tmp / "non_lesions"),
+             "metadata_path": tmp / "models" / "metadata.json"}
     evaluate.main(**paths)
     return tmp, paths
 
@@ -323,6 +341,64 @@ def test_the_stages_figures_are_what_predictor_describe_gives(evaluated):
         assert result["decision"] == said
         if result["in_distribution"] and abs(result["mel_probability"] - decision.mel_threshold) > 1e-4:
             assert (result["decision"] == "mel") == (result["mel_probability"] > decision.mel_threshold)
+
+
+def test_with_metadata_figures_are_predictors_answers_with_each_images_metadata(evaluated):
+    """Every tiny val/test row knows at least one field (never all three missing: see
+    metadata_columns), so every image takes the metadata path; its figures are those of
+    Predictor.judge given each image's own metadata, and the rule was chosen on val."""
+    import keras
+    import pandas as pd
+
+    from stages.lib import metadata
+    from stages.lib.shards import read_shards
+
+    tmp, paths = evaluated
+    decision = load_decision(paths["decision_path"])
+    assert decision.with_metadata is not None and decision.with_metadata.weight == 1.0
+    predictor = Predictor(keras.saving.load_model(paths["model_path"]), decision, 8)
+    for split in ("val", "test"):
+        images, labels, ids = read_shards(paths["data_dir"], split)
+        table = pd.read_csv(paths["split_dir"] / f"{split}.csv").set_index("image_id").loc[list(ids)]
+        judged = predictor.judge(images, metadata.of_table(table))
+        figures = read_metrics(tmp, split)["with_metadata"]
+        assert figures["images_with_metadata"] == 28 and judged.with_metadata.all()
+        bacc = figures["balanced_accuracy"]
+        assert bacc == pytest.approx(balanced_accuracy_score(labels, judged.corrected.argmax(1)))
+        assert figures["balanced_accuracy_ci95_low"] <= bacc <= figures["balanced_accuracy_ci95_high"]
+        point = evaluate.operating_point(labels, judged.decided)
+        point = {k: point[k] for k in ("mel_sensitivity", "mel_specificity")}
+        assert figures["operating_point"] == pytest.approx(point)
+    val = read_metrics(tmp, "val")["with_metadata"]
+    assert val["operating_point"]["mel_sensitivity"] >= 0.85
+
+
+def test_every_validation_answer_is_written_with_a_true_explanation(evaluated):
+    import pandas as pd
+
+    from tests.explanations import check_answer
+
+    tmp, _ = evaluated
+    for name, with_metadata in (("answers.csv", False), ("answers_with_metadata.csv", True)):
+        table = pd.read_csv(tmp / "metrics" / "plots" / "val" / name)
+        assert len(table) == 28 and (table["with_metadata"] == with_metadata).all()
+        for row in table.to_dict("records"):
+            check_answer(row)
+
+
+def test_metadata_weight_0_answers_from_images_alone(evaluated, tmp_path):
+    tmp, paths = evaluated
+    params = write_params(tmp_path / "params.yaml", evaluate={**EVALUATE, "metadata_weight": 0.0}, metadata=METADATA)
+    out = {**paths, "params_path": params, "metrics_dir": tmp_path / "metrics",
+           "decision_path": tmp_path / "decision.json", "ood_path": tmp_path / "ood.npz"}
+    evaluate.main(**out)
+    assert load_decision(tmp_path / "decision.json").with_metadata is None
+    assert "with_metadata" not in json.loads((tmp_path / "decision.json").read_text())
+    for split in ("val", "test"):
+        alone, both = read_metrics(tmp_path, split), read_metrics(tmp, split)
+        both.pop("with_metadata")
+        assert alone == both, "the image path does not depend on the metadata"
+    assert not (tmp_path / "metrics" / "plots" / "val" / "answers_with_metadata.csv").exists()
 
 
 def test_reliability_table_has_both_curves_and_the_shown_ece(evaluated):

@@ -372,3 +372,21 @@ def test_card_counts_images_from_the_per_class_tables():
                            {"val": table(60, 10), "test": table(30, 5)})
     assert "`nv` is 50% of the test images" in text
     assert "| images | 120 | 60 |" in text
+
+
+def test_card_quotes_both_paths_image_alone_and_with_metadata():
+    from stages.lib.model_card import metrics_section
+
+    val = {"balanced_accuracy": 0.75, "with_metadata": {
+        "balanced_accuracy": 0.77, "balanced_accuracy_ci95_low": 0.7, "balanced_accuracy_ci95_high": 0.82,
+        "operating_point": {"mel_sensitivity": 0.86, "mel_specificity": 0.7}, "images_with_metadata": 1290}}
+    test = {"balanced_accuracy": 0.74, "with_metadata": {
+        "balanced_accuracy": 0.76, "balanced_accuracy_ci95_low": 0.69, "balanced_accuracy_ci95_high": 0.8,
+        "operating_point": {"mel_sensitivity": 0.88, "mel_specificity": 0.71}, "images_with_metadata": 1300}}
+    text = metrics_section(val, test)
+    assert "| **balanced accuracy** (mean recall over classes) | 0.750 | 0.740 |" in text
+    assert "| **balanced accuracy with age, sex and site** (each image's own metadata) | 0.770 | 0.760 |" in text
+    assert "| balanced accuracy with metadata, 95% interval | 0.700 – 0.820 | 0.690 – 0.800 |" in text
+    assert "| melanoma sensitivity at the threshold, with metadata | 0.860 | 0.880 |" in text
+    assert "| images whose metadata was used | 1,290 | 1,300 |" in text
+    assert "with metadata" not in metrics_section({"balanced_accuracy": 0.75}, {"balanced_accuracy": 0.74})
