@@ -7,7 +7,9 @@ For each trained model (seed=path), the validation probabilities under `evaluate
 computed once and kept in RUNS/seed<N>.npz (score_seeds' layout, plus image ids). For each
 configuration (metadata weight x regularisation; weight 0 is the image alone), the metadata model
 is fitted on the training split's rows (stages/lib/metadata.py), the decision rule is chosen on
-validation exactly as `evaluate` does it, and validation is scored. `--test SEED` also scores that
+validation exactly as `evaluate` does it, and validation is scored, also under the alternative
+rule of deciding on the shown probabilities' order, and the shown probabilities' NLL (a proper
+score, less noisy than balanced accuracy). `--test SEED` also scores that
 seed's test split with each configuration's validation-chosen rule: read it once, for the
 configuration already chosen. Writes RUNS/summary.json: per configuration and seed the figures,
 and mean ± sd over seeds with the paired difference to the image alone.
@@ -18,12 +20,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from experiments.score_seeds import mean_sd, save_probabilities
 from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels
 from stages.lib import metadata
+from stages.lib.calibration import calibrated, fit_temperature, nll
 from stages.lib.files import atomic_write_json, read_table
-from stages.lib.inference import corrected, decide, feature_model, model_outputs
+from stages.lib.inference import class_shares, corrected, decide, feature_model, model_outputs
 from stages.lib.params import load_params
 from stages.lib.shards import read_shards
 
@@ -59,14 +63,22 @@ def score(weight: float, model: metadata.MetadataModel, run: dict, splits: list[
         ratio = model.log_ratio(rows_of(split_dir, split, run[f"{split}_image_ids"]))
         combined[split] = metadata.combine(proba, ratio, weight) if weight else proba
     decision = choose_decision(params, run["val_labels"], combined["val"], train_labels)
-    row = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold}
+    prior = class_shares(train_labels)
+    temperature = fit_temperature(run["val_labels"], combined["val"], prior)
+    row = {"prior_strength": decision.prior_strength, "mel_threshold": decision.mel_threshold,
+           "temperature": temperature}
     for split in splits:
         adjusted = corrected(combined[split], decision.class_bias)
         figures, _ = classification_metrics(run[f"{split}_labels"], adjusted)
         row[split] = {"balanced_accuracy": figures["balanced_accuracy"],
                       "per_class_recall": {dx: v["recall"] for dx, v in figures["per_class"].items()},
                       "operating_point": operating_point(run[f"{split}_labels"],
-                                                         decide(adjusted, decision.mel_threshold))}
+                                                         decide(adjusted, decision.mel_threshold)),
+                      # the alternative rule for the page: decide on the shown (calibrated) probabilities' order
+                      "shown_argmax_balanced_accuracy": float(balanced_accuracy_score(
+                          run[f"{split}_labels"], calibrated(combined[split], temperature, prior).argmax(axis=1))),
+                      # a proper score of the shown probabilities: less noisy than balanced accuracy
+                      "shown_nll": nll(run[f"{split}_labels"], calibrated(combined[split], temperature, prior))}
     return row
 
 
@@ -98,11 +110,13 @@ def main() -> None:
         per_seed = {seed: score(weight, model, run, splits, params, train_labels, args.split)
                     for seed, (run, splits) in runs.items()}
         results[name] = {"weight": weight, "regularization": c, "per_seed": per_seed,
-                         "val_balanced_accuracy": mean_sd([r["val"]["balanced_accuracy"] for r in per_seed.values()])}
+                         "val_balanced_accuracy": mean_sd([r["val"]["balanced_accuracy"] for r in per_seed.values()]),
+                         "val_shown_nll": mean_sd([r["val"]["shown_nll"] for r in per_seed.values()])}
         print(f"{name:22s}", " ".join(f"s{s} val {r['val']['balanced_accuracy']:.4f}" +
                                       (f" test {r['test']['balanced_accuracy']:.4f}" if "test" in r else "")
                                       for s, r in per_seed.items()),
-              f"mean {results[name]['val_balanced_accuracy']['mean']:.4f}")
+              f"mean {results[name]['val_balanced_accuracy']['mean']:.4f},",
+              f"NLL {results[name]['val_shown_nll']['mean']:.4f}")
     baseline = results["image only"]["per_seed"]
     for result in results.values():
         diffs = [r["val"]["balanced_accuracy"] - baseline[s]["val"]["balanced_accuracy"]

@@ -67,8 +67,8 @@ def metadata_text(result: dict[str, Any]) -> str:
 
 
 def format_table(results: list[dict[str, Any]], metadata: bool = False) -> str:
-    """A table for people: per image its classes, decision, the metadata used (when `metadata`
-    was given) and warnings, then the notice.
+    """A table for people: per image its classes, decision, why, the metadata used (when
+    `metadata` was given) and warnings, then the notice.
 
     Every name and message goes through `printable`: a file name cannot restyle the terminal.
     """
@@ -85,6 +85,8 @@ def format_table(results: list[dict[str, Any]], metadata: bool = False) -> str:
             said = decision_text(result) if rank == 1 else ""
             lines.append(f"{image:<{width}}  {rank}  {cls['dx']:<5}  {cls['name']:<{name_width}}  "
                          f"{cls['probability']:>11.1%}  {said}".rstrip())
+        if result.get("reason"):  # why the decision is what it is, in words true of the figures shown
+            lines.append(f"{'':<{width}}  why: {printable(result['reason'])}")
         if metadata:
             lines.append(f"{'':<{width}}  {printable(metadata_text(result))}")
         lines += [f"{'':<{width}}  warning: {printable(text)}" for text in all_warnings(result)]

@@ -149,8 +149,8 @@ def test_table_lists_three_classes_per_image_errors_and_the_notice(model_and_pat
     assert status == 1
     assert lines[0].split() == ["image", "#", "dx", "name", "probability", "decision"]
     assert lines[1].startswith(str(good_images[2])) and lines[1].split("%", 1)[1].split()[0] in CLASSES
-    assert [line.split()[0] for line in lines[2:4]] == ["2", "3"]
-    assert lines[4].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[4]
+    assert [line.split()[0] for line in lines[2:4]] == ["2", "3"] and lines[4].split()[0] == "why:"
+    assert lines[5].startswith(str(bad_images["not an image"])) and "error: not an image" in lines[5]
     assert "2 image(s), 1 failed." in out and out.rstrip().endswith(prediction.NOTICE)
 
 
@@ -268,7 +268,7 @@ def test_an_image_far_below_the_input_size_gets_a_warning(model_and_path, tmp_pa
     assert warning.startswith("20x15 pixels is far below the model's input size (32x32)")
     assert predict.main(["--model", str(model_path), str(tmp_path / "tiny.png")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[4].split() == ["warning:", *warning.split()]
+    assert lines[4].split()[0] == "why:" and lines[5].split() == ["warning:", *warning.split()]
 
 
 SHOWN = {"image", "top", "probabilities", "weighted", "decision", "reason", "weighting", "in_distribution",
@@ -302,13 +302,15 @@ def test_the_table_warns_when_the_image_is_out_of_distribution():
            {"dx": "mel", "name": "melanoma", "probability": 0.3},
            {"dx": "bkl", "name": "benign keratosis", "probability": 0.05}]
     judged = {"image": "a.jpg", "top": top, "decision": "mel", "in_distribution": True, "ood_score": 1.0,
-              "mel_probability": 0.3, "mel_threshold": 0.25, "warnings": []}
-    unknown = {**judged, "image": "cat.jpg", "decision": "unknown", "in_distribution": False, "ood_score": 42.0}
+              "mel_probability": 0.3, "mel_threshold": 0.25, "warnings": [], "reason": "Melanoma: its weighted score"}
+    unknown = {**judged, "image": "cat.jpg", "decision": "unknown", "in_distribution": False, "ood_score": 42.0,
+               "reason": "No diagnosis: the image is unlike"}
     lines = predict.format_table([judged, unknown]).splitlines()
     assert lines[1].split()[-7:] == ["mel", "(mel", "score", "30.0%", ">=", "threshold", "25.0%)"]
-    assert "unknown" in lines[4]
-    assert lines[7].split()[:8] == ["warning:", "not", "a", "lesion", "this", "model", "can", "judge:"]
-    assert "42" in lines[7] and sum("warning:" in line for line in lines) == 1
+    assert lines[4].split() == ["why:", "Melanoma:", "its", "weighted", "score"], "the answer's own reason"
+    assert "unknown" in lines[5] and lines[8].split()[:3] == ["why:", "No", "diagnosis:"]
+    assert lines[9].split()[:8] == ["warning:", "not", "a", "lesion", "this", "model", "can", "judge:"]
+    assert "42" in lines[9] and sum("warning:" in line for line in lines) == 1
 
 
 def test_decision_at_the_operating_point_calls_melanoma_above_the_threshold(model_and_path, good_images):
@@ -550,7 +552,7 @@ def test_flags_reach_the_predictor_for_every_image_and_the_json_says_what_was_us
     assert predict.main(["--sex", "male", paths[0]]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert recorded.rows[2] == [Metadata(None, "male", None)]
-    assert lines[4].split() == ["metadata", "used:", "sex", "male"]
+    assert lines[4].split()[0] == "why:" and lines[5].split() == ["metadata", "used:", "sex", "male"]
 
 
 def test_a_csv_is_matched_by_file_stem_and_a_bad_row_is_that_images_error(recorded, good_images, tmp_path, capsys):
