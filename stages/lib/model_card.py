@@ -346,7 +346,8 @@ def limitations_section(data: dict[str, Any], splits: dict[str, pd.DataFrame],
                          for kind, n in sorted(mix.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"- Ground truth of mixed strength (dx_type): {text}; only histopathology is a confirmed "
                      "diagnosis.")
-    lines.append("- One test split from the same sources: no external validation.")
+    lines.append("- One test split from the same sources: no external validation (the ISIC 2018 test set is opt-in: "
+                 "`isic2018.enabled`).")
     return "\n".join(lines)
 
 
@@ -357,6 +358,7 @@ pip install -r requirements.txt
 dvc pull      # data and model from the DVC remote, if one is configured
 dvc repro     # re-runs only the stages whose code, data or params changed
 python -m stages.predict IMAGE...   # per image: the 3 most probable classes and the answer, or "unknown"
+python -m stages.predict --age 60 --sex female --site back IMAGE   # with what is known of the patient (each optional)
 python -m stages.serve              # starts a local web page that gives the same answers for uploaded images
 ```
 
