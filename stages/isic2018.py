@@ -1,17 +1,15 @@
 """Stage isic2018 (opt-in): the committed model on the official ISIC 2018 Task 3 test set, scored
-by the challenge's own scorer (PyPI isic-challenge-scoring), so its figures compare with the leaderboard.
+by the challenge's own scorer (isic-challenge-scoring), so its figures compare with the leaderboard.
 
-Off by default (`isic2018.enabled: false`): the stage then reads (but params) and downloads nothing, and writes
-{"scored": false} and a header-only submission. On, it fetches the test images' zip and the ground
-truth through stages/download.py's own path (Dataverse, HAM10000_MIRROR or download.local_dir;
-retries, pins in isic2018.sha256, zip checks) into data/downloads/, predicts every image image-only
-with models/model.keras and its decision rule (stages.lib.prediction.load), writes the submission
-(ISIC columns, the prior-corrected probabilities: the scorer's argmax is metrics/test.json's
-balanced-accuracy rule) and scores it. The scorer's CSV reader needs DataFrame.applymap, gone in
-pandas 3, so the submission is read back here and scored with its ClassificationScore; the ground
-truth is read by its parse_truth_csv (which gives ISIC_0035068, a row without an image, no weight).
-A ground truth with other columns, a row that is not one-hot, an image without a row or a weighted
-row without an image stops the stage with one line naming the file. How to run it: README.md.
+Off (`isic2018.enabled: false`, the default): reads and downloads nothing; writes {"scored": false}
+and header-only tables. On: fetches the test zip and ground truth through stages/download.py's path
+(Dataverse, HAM10000_MIRROR or download.local_dir; retries, isic2018.sha256 pins, zip checks),
+predicts each image from the image alone (stages.lib.prediction.load), writes the submission (the
+prior-corrected probabilities: the scorer's argmax is metrics/test.json's rule) and scores it:
+metrics/isic2018.json (headline), metrics/isic2018_per_class.csv (per-class AUC, AP). The scorer's
+CSV reader needs pandas < 3, so the submission goes to its ClassificationScore directly. A ground
+truth with other columns, a row that is not one-hot, an image without a row or a weighted row
+without an image stops the stage with one line naming the file. How to run it: README.md.
 """
 from __future__ import annotations
 
@@ -37,6 +35,7 @@ from stages.lib.progress import Progress
 log = logging.getLogger("stages.isic2018")
 ISIC_CODES = tuple(dx.upper() for dx in CLASSES)  # the ground truth's column for each class code
 SUBMISSION_COLUMNS = ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")  # the official order
+PER_CLASS_HEADER = "dx,auc,average_precision"  # metrics/isic2018_per_class.csv: the scorer's per-class figures
 WEIGHT_COLUMNS = ("score_weight", "validation_weight")  # optional in a ground truth (the scorer's)
 SCORER = "isic-challenge-scoring"
 
@@ -165,11 +164,13 @@ def fetch(params: IsicParams, params_path: Path, cache_dir: Path) -> tuple[Downl
 
 def main(params_path: Path = PARAMS_FILE, model_path: Path = DEFAULT_MODEL,
          decision_path: Path = Path("models/decision.json"), metrics_path: Path = Path("metrics/isic2018.json"),
-         submission_path: Path = Path("metrics/isic2018_submission.csv"), cache_dir: Path = CACHE_DIR) -> None:
+         submission_path: Path = Path("metrics/isic2018_submission.csv"),
+         per_class_path: Path = Path("metrics/isic2018_per_class.csv"), cache_dir: Path = CACHE_DIR) -> None:
     """Score the model on the ISIC 2018 Task 3 test set if `isic2018.enabled`, else record that it was not."""
     params = load_params("isic2018", IsicParams, params_path)
     if not params.enabled:
         atomic_write_text(Path(submission_path), ",".join(SUBMISSION_COLUMNS) + "\n")
+        atomic_write_text(Path(per_class_path), PER_CLASS_HEADER + "\n")
         atomic_write_json(Path(metrics_path), {"scored": False})
         log.info("isic2018.enabled is false: nothing read or downloaded; %s says so", metrics_path)
         return
@@ -189,6 +190,9 @@ def main(params_path: Path = PARAMS_FILE, model_path: Path = DEFAULT_MODEL,
     submission = submission_csv(ids, corrected, unseen)
     figures = score(truth_path, submission)
     atomic_write_text(Path(submission_path), submission)
+    per_class = figures.pop("per_class")  # a plain table: metrics/ holds at most 100 figures in all
+    atomic_write_text(Path(per_class_path), PER_CLASS_HEADER + "\n" + "".join(
+        f"{dx},{f['auc']:.6f},{f['average_precision']:.6f}\n" for dx, f in per_class.items()))
     atomic_write_json(Path(metrics_path), {"scored": True, "images": len(ids), **figures,
                                            "rows_without_image": unseen,
                                            "sha256": {p.name: file_digest(p, "sha256")

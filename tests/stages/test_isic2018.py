@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -161,6 +162,7 @@ def test_disabled_writes_scored_false_and_makes_no_request(workdir, monkeypatch)
         assert server.requests == []
     assert json.loads(Path("metrics/isic2018.json").read_text()) == {"scored": False}
     assert Path("metrics/isic2018_submission.csv").read_text() == HEADER + "\n"
+    assert Path("metrics/isic2018_per_class.csv").read_text() == "dx,auc,average_precision\n"
     assert not Path("data").exists(), "nothing downloaded"
 
 
@@ -173,7 +175,9 @@ def test_mirror_stand_in_scored_by_the_challenge_scorer(workdir, models, monkeyp
     assert metrics["scored"] is True and metrics["images"] == 10
     assert metrics["balanced_accuracy"] == pytest.approx(BA_PLAIN)
     # one true image each, at 0.7 (0.30 for vasc) against 0.05 for every other image: ranked first
-    assert [metrics["per_class"][dx]["auc"] for dx in ("bcc", "df", "vasc")] == pytest.approx([1.0] * 3)
+    per_class = pd.read_csv("metrics/isic2018_per_class.csv").set_index("dx")
+    assert per_class.loc[["bcc", "df", "vasc"], "auc"].tolist() == pytest.approx([1.0] * 3)
+    assert "per_class" not in metrics, "per-class figures are a plain table, not metrics"
     assert metrics["rows_without_image"] == [UNSEEN]
     assert metrics["scorer"] == "isic-challenge-scoring 5.6.0"
     assert metrics["sha256"] == {name: hashlib.sha256(release()[name]).hexdigest() for name in (ZIP, TRUTH)}
