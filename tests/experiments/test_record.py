@@ -317,3 +317,37 @@ def test_figures_without_a_result_file_are_marked_unrecorded():
         assert rows[number]["result file"].startswith("none")
     assert "unrecorded: cooler white balance keeps" in rows[63]["difference"]
     assert "test ECE 0.051 (unrecorded)" in rows[59]["difference"]
+
+
+METADATA = "metadata_weight_and_regularization.amd.json"
+
+
+def test_metadata_rows_are_the_grid_over_three_seeds_and_the_adopted_one_is_committed():
+    """#83 on: one row per configuration of the result file, in its order, val BA mean ± sd over
+    its seeds and the paired difference to the image alone (then the NLL of the shown
+    probabilities); the last row: the adopted configuration deciding on the shown order instead."""
+    configs = result(METADATA)["configurations"]
+    rows = [row for row in table().values() if METADATA in row["result file"]]
+    assert len(rows) == len(configs) + 1
+    base = configs["image only"]["per_seed"]
+    adopted = []
+    for row, (name, config) in zip(rows, configs.items()):
+        runs = config["per_seed"]
+        assert len(runs) >= 3
+        assert row["val"] == mean_sd([ba(r, "val") for r in runs.values()])
+        nll = f"(NLL {statistics.mean(r['val']['shown_nll'] for r in runs.values()):.3f})"
+        if name != "image only":
+            paired = [ba(runs[s], "val") - ba(base[s], "val") for s in runs]
+            assert row["difference"] == f"{mean_sd(paired, signed=True)} {nll}"
+        else:
+            assert row["difference"] == f"baseline {nll}"
+        if row["decision"].startswith("adopted"):
+            adopted.append(config)
+    [config] = adopted
+    params = (ROOT / "params.yaml").read_text().replace(".0 ", " ")  # 1.0 as :g writes it
+    assert f"metadata_weight: {config['weight']:g} " in params
+    assert f"regularization: {config['regularization']:g} " in params
+    runs = config["per_seed"]
+    shown = [r["val"]["shown_argmax_balanced_accuracy"] for r in runs.values()]
+    assert rows[-1]["val"] == mean_sd(shown)
+    assert rows[-1]["difference"] == mean_sd([s - ba(r, "val") for s, r in zip(shown, runs.values())], signed=True)
