@@ -56,9 +56,9 @@ NEVUS = CLASSES.index("nv")
 # metrics/headline/{split}.json: the figures `dvc exp show` lists (README), nested under the split
 # with names short enough for its columns: balanced accuracy, melanoma sensitivity at the operating
 # point; split -> {name: its key in metrics/{split}.json}.
-HEADLINE = {"val": {"bacc": "balanced_accuracy", "bacc_meta": "with_metadata.balanced_accuracy"},
-            "test": {"bacc": "balanced_accuracy", "bacc_meta": "with_metadata.balanced_accuracy",
-                     "mel_sens": "operating_point.mel_sensitivity"}}
+# (with_metadata's figures are left out: two more columns would not fit 120 with the longest param key)
+HEADLINE = {"val": {"bacc": "balanced_accuracy"},
+            "test": {"bacc": "balanced_accuracy", "mel_sens": "operating_point.mel_sensitivity"}}
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ FIGURES = {
     "expected calibration error": ("calibration.ece",),
     "lesions accepted / non-lesion images rejected": ("out_of_distribution.lesions_accepted",
                                                       "out_of_distribution.non_lesion_rejected"),
+    "with age, sex and site: balanced accuracy (95% CI)": ("with_metadata.balanced_accuracy",
+                                                           "with_metadata.balanced_accuracy_ci95_low",
+                                                           "with_metadata.balanced_accuracy_ci95_high"),
+    "with age, sex and site: melanoma sensitivity / specificity": ("with_metadata.operating_point.mel_sensitivity",
+                                                                   "with_metadata.operating_point.mel_specificity"),
 }
 SEEDS_ROW = "same configuration, balanced accuracy over"  # "... over N seeds ..., mean ± sd": the records below
 SEED_RECORDS = ("experiments/results/white_balance_0.1_repro_seed42.intel.json",  # seed 42 on the Intel (#57)

@@ -351,3 +351,14 @@ def test_metadata_rows_are_the_grid_over_three_seeds_and_the_adopted_one_is_comm
     shown = [r["val"]["shown_argmax_balanced_accuracy"] for r in runs.values()]
     assert rows[-1]["val"] == mean_sd(shown)
     assert rows[-1]["difference"] == mean_sd([s - ba(r, "val") for s, r in zip(shown, runs.values())], signed=True)
+
+
+def test_row_110_is_the_committed_run_with_metadata():
+    run, val, test = result("reference_run_with_metadata.amd.json"), metrics("val.json"), metrics("test.json")
+    for split, figures in (("val", val), ("test", test)):
+        assert run[split]["balanced_accuracy"] == figures["balanced_accuracy"]
+        assert run[split]["with_metadata"]["balanced_accuracy"] == figures["with_metadata"]["balanced_accuracy"]
+    row = table()[110]
+    assert f"{run['elapsed_s'] / 60:.1f} min" in row["configuration"]
+    assert row["val"].startswith(f3(val["with_metadata"]["balanced_accuracy"]))
+    assert f3(test["with_metadata"]["balanced_accuracy"]) in row["test"] and f3(test["balanced_accuracy"]) in row["test"]
