@@ -361,4 +361,5 @@ def test_row_110_is_the_committed_run_with_metadata():
     row = table()[110]
     assert f"{run['elapsed_s'] / 60:.1f} min" in row["configuration"]
     assert row["val"].startswith(f3(val["with_metadata"]["balanced_accuracy"]))
-    assert f3(test["with_metadata"]["balanced_accuracy"]) in row["test"] and f3(test["balanced_accuracy"]) in row["test"]
+    for figure in (test["with_metadata"]["balanced_accuracy"], test["balanced_accuracy"]):
+        assert f3(figure) in row["test"]
