@@ -14,6 +14,7 @@ from stages.lib import gradcam
 from stages.lib.cli import ParamError
 from stages.lib.dataset import CLASS_NAMES, CLASSES
 from stages.lib.inference import Judgement, decide
+from stages.lib.metadata import NONE
 from stages.lib.params import load_params
 from tests.conftest import TINY_TRAIN, make_shards, train_params
 from tests.fixtures import write_params
@@ -202,16 +203,18 @@ def write_stage_inputs(root: Path) -> dict[str, Path]:
         if split == "train":
             continue
         judged = Judgement(corrected=proba, decided=decide(proba, 0.3), shown=proba ** 2 / (proba ** 2).sum(1)[:, None],
-                           ood_score=np.zeros(len(labels)), in_distribution=np.arange(len(labels)) % 10 != 0)
+                           ood_score=np.zeros(len(labels)), in_distribution=np.arange(len(labels)) % 10 != 0,
+                           mel_threshold=np.full(len(labels), 0.3), with_metadata=np.zeros(len(labels), bool))
         params = evaluate.EvaluateParams(8, "flips", [0.0], 0.85, 100, 0, 0.95, 100, True)
-        data = evaluate.Scored(labels, proba, np.zeros((len(labels), 4)), ids, ids)
+        data = evaluate.Scored(labels, proba, np.zeros((len(labels), 4)), ids, ids, [NONE] * len(labels))
         headline, tables = evaluate.split_metrics(data, judged, params)
         headline["balanced_accuracy_ci95_low"], headline["balanced_accuracy_ci95_high"] = 0.25, 0.75
         if split == "val":
             headline["decision"] = {"prior_strength": -0.25, "mel_threshold": 0.3, "temperature": 1.5}
         else:
             kinds = np.array(["photo", "photo", "noise"])
-            non_lesions = Judgement(proba[:3], labels[:3], proba[:3], np.zeros(3), np.array([False, True, False]))
+            non_lesions = Judgement(proba[:3], labels[:3], proba[:3], np.zeros(3), np.array([False, True, False]),
+                                    np.full(3, 0.3), np.zeros(3, bool))
             headline["out_of_distribution"], tables["non_lesions.csv"] = evaluate.non_lesion_figures(
                 judged, non_lesions, kinds)
         (metrics_dir / "plots" / split).mkdir(parents=True)
