@@ -23,7 +23,15 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
 from experiments.score_seeds import mean_sd, save_probabilities
-from stages.evaluate import EvaluateParams, choose_decision, classification_metrics, operating_point, real_train_labels
+from stages.evaluate import (
+    EvaluateParams,
+    choose_decision,
+    classification_metrics,
+    metadata_of,
+    operating_point,
+    real_train_labels,
+    rows_of_each_image,
+)
 from stages.lib import metadata
 from stages.lib.calibration import calibrated, fit_temperature, nll
 from stages.lib.files import atomic_write_json, read_table
@@ -50,18 +58,14 @@ def probabilities(npz: Path, model_path: Path, splits: list[str], params: Evalua
     return out
 
 
-def rows_of(split_dir: Path, split: str, image_ids: np.ndarray) -> list[metadata.Metadata]:
-    table = read_table(split_dir / f"{split}.csv", required=("image_id",)).set_index("image_id")
-    return metadata.of_table(table.loc[list(image_ids)])
-
-
-def score(weight: float, model: metadata.MetadataModel, run: dict, splits: list[str], params: EvaluateParams,
-          train_labels: np.ndarray, split_dir: Path) -> dict:
+def score(weight: float, model: metadata.MetadataModel | None, run: dict, splits: list[str], params: EvaluateParams,
+          train_labels: np.ndarray, rows: dict[str, list[metadata.Metadata]]) -> dict:
+    """One configuration on one seed (weight 0: the image alone, `model` unused); `rows`: each
+    split's Metadata, in the shards' order."""
     combined = {}
     for split in splits:
         proba = run[f"{split}_{params.tta}"]
-        ratio = model.log_ratio(rows_of(split_dir, split, run[f"{split}_image_ids"]))
-        combined[split] = metadata.combine(proba, ratio, weight) if weight else proba
+        combined[split] = metadata.combine(proba, model.log_ratio(rows[split]), weight) if weight else proba
     decision = choose_decision(params, run["val_labels"], combined["val"], train_labels)
     prior = class_shares(train_labels)
     temperature = fit_temperature(run["val_labels"], combined["val"], prior)
@@ -102,12 +106,18 @@ def main() -> None:
         seed, path = item.split("=", 1)
         splits = ["val", "test"] if int(seed) in args.test else ["val"]
         runs[int(seed)] = (probabilities(args.runs / f"seed{seed}.npz", Path(path), splits, params, args.data), splits)
+    rows = {}  # every seed's shards hold the same images: each split's metadata is read once
+    for run, splits in runs.values():
+        for split in splits:
+            if split not in rows:
+                table = rows_of_each_image(args.split, split, run[f"{split}_image_ids"])
+                rows[split] = metadata_of(table, args.split / f"{split}.csv")
+    models = {c: metadata.fit(train_rows, train["label"].to_numpy(), metadata.FIELDS, c) for c in args.regularizations}
     configs = [(0.0, None)] + [(w, c) for w in args.weights for c in args.regularizations]
     results = {}
     for weight, c in configs:
         name = "image only" if not weight else f"weight {weight:g}, C {c:g}"
-        model = metadata.fit(train_rows, train["label"].to_numpy(), metadata.FIELDS, c or 1.0)
-        per_seed = {seed: score(weight, model, run, splits, params, train_labels, args.split)
+        per_seed = {seed: score(weight, models.get(c), run, splits, params, train_labels, rows)
                     for seed, (run, splits) in runs.items()}
         results[name] = {"weight": weight, "regularization": c, "per_seed": per_seed,
                          "val_balanced_accuracy": mean_sd([r["val"]["balanced_accuracy"] for r in per_seed.values()]),

@@ -226,7 +226,7 @@ def with_metadata_rule(decision: Decision, params: EvaluateParams, val: Scored, 
                        model: metadata.MetadataModel, model_file: dict[str, str]) -> Decision:
     """`decision` plus the metadata path's rule, chosen on the validation images whose metadata it
     uses, as the image rule is on all: prior strength, melanoma threshold, temperature."""
-    used = np.array([bool(model.fitted(row.known)) for row in val.rows], bool)
+    used = model.uses(val.rows)
     if params.metadata_weight == 0 or not used.any():
         return decision
     rows = [row for row, u in zip(val.rows, used) if u]

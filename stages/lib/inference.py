@@ -190,17 +190,25 @@ class DecisionRecord:
     with_metadata: MetadataRecord | None = None
 
     def __post_init__(self) -> None:
-        in_range("prior_strength", self.prior_strength, -10, 10)
-        in_range("mel_threshold", self.mel_threshold, 0, 1)
+        check_rule(self)
         in_range("mel_sensitivity_target", self.mel_sensitivity_target, 0, 1, lo_open=True)
-        in_range("temperature", self.temperature, 0, 1000, lo_open=True)
-        for key in ("class_bias", "class_prior"):
-            value = getattr(self, key)
-            if value is not None and sorted(value) != sorted(CLASSES):
-                raise ValueError(f"{key} must have one value per class ({', '.join(CLASSES)}), got keys "
-                                 f"{sorted(value)}")
+        one_per_class("class_prior", self.class_prior)
         for dx, share in (self.class_prior or {}).items():
             in_range(f"class_prior.{dx}", share, 0, lo_open=True)
+
+
+def one_per_class(key: str, value: dict[str, float] | None) -> None:
+    """A ValueError unless `value` (if any) has one key per class."""
+    if value is not None and sorted(value) != sorted(CLASSES):
+        raise ValueError(f"{key} must have one value per class ({', '.join(CLASSES)}), got keys {sorted(value)}")
+
+
+def check_rule(record: DecisionRecord | MetadataRecord) -> None:
+    """The values both paths' rules hold: prior strength, melanoma threshold, temperature, class_bias."""
+    in_range("prior_strength", record.prior_strength, -10, 10)
+    in_range("mel_threshold", record.mel_threshold, 0, 1)
+    in_range("temperature", record.temperature, 0, 1000, lo_open=True)
+    one_per_class("class_bias", record.class_bias)
 
 
 @dataclass(frozen=True)
@@ -216,12 +224,7 @@ class MetadataRecord:
 
     def __post_init__(self) -> None:
         in_range("weight", self.weight, 0, 10)
-        in_range("prior_strength", self.prior_strength, -10, 10)
-        in_range("mel_threshold", self.mel_threshold, 0, 1)
-        in_range("temperature", self.temperature, 0, 1000, lo_open=True)
-        if sorted(self.class_bias) != sorted(CLASSES):
-            raise ValueError(f"class_bias must have one value per class ({', '.join(CLASSES)}), got keys "
-                             f"{sorted(self.class_bias)}")
+        check_rule(self)
 
 
 def load_decision(path: Path) -> Decision:
@@ -299,38 +302,36 @@ class Judgement:
     with_metadata: np.ndarray     # (N,) bool: the metadata path decided (its rule and probabilities)
 
 
-def _judge(decision: Decision, proba: np.ndarray, features: np.ndarray) -> Judgement:
+def _answers(decision: Decision, proba: np.ndarray) -> dict[str, np.ndarray]:
+    """Under one rule: the corrected probabilities that decide, the decisions, the shown probabilities."""
     fixed = corrected(proba, decision.class_bias)
-    scores = decision.ood.score(features) if decision.ood is not None else np.zeros(len(proba))
-    inside = decision.ood.in_distribution(scores) if decision.ood is not None else np.ones(len(proba), bool)
-    return Judgement(corrected=fixed, decided=decide(fixed, decision.mel_threshold),
-                     shown=calibrated(proba, decision.temperature, decision.class_prior), ood_score=scores,
-                     in_distribution=inside, mel_threshold=np.full(len(proba), decision.mel_threshold),
-                     with_metadata=np.zeros(len(proba), bool))
+    return {"corrected": fixed, "decided": decide(fixed, decision.mel_threshold),
+            "shown": calibrated(proba, decision.temperature, decision.class_prior),
+            "mel_threshold": np.full(len(proba), decision.mel_threshold)}
 
 
 def metadata_used(decision: Decision, rows: list[Metadata] | None, n: int) -> np.ndarray:
     """(N,) bool: the rows whose metadata the rule uses (it has a metadata path, and a fitted field is known)."""
     if decision.with_metadata is None or rows is None:
         return np.zeros(n, bool)
-    return np.array([bool(decision.with_metadata.model.fitted(row.known)) for row in rows], bool)
+    return decision.with_metadata.model.uses(rows)
 
 
 def judge(decision: Decision, proba: np.ndarray, features: np.ndarray, rows: list[Metadata] | None = None
           ) -> Judgement:
     """The answers for model outputs (`model_outputs`) and, optionally, each image's metadata: the
     one computation behind every figure. A row with usable metadata is judged on the combined
-    probabilities under the metadata path's rule; every other row on the image alone."""
-    image = _judge(decision, proba, features)
-    used = metadata_used(decision, rows, len(proba))
-    if not used.any():
-        return image
-    rule = decision.with_metadata
-    both = _judge(decision.for_metadata(), combine(proba, rule.model.log_ratio(rows), rule.weight), features)
-    pick = {name: np.where(used.reshape((-1,) + (1,) * (getattr(image, name).ndim - 1)),
-                           getattr(both, name), getattr(image, name))
-            for name in ("corrected", "decided", "shown", "mel_threshold")}
-    return replace(image, **pick, with_metadata=used)
+    probabilities under the metadata path's rule; every other row on the image alone. The
+    out-of-distribution score looks at the image only."""
+    scores = decision.ood.score(features) if decision.ood is not None else np.zeros(len(proba))
+    inside = decision.ood.in_distribution(scores) if decision.ood is not None else np.ones(len(proba), bool)
+    answers, used = _answers(decision, proba), metadata_used(decision, rows, len(proba))
+    if used.any():
+        rule = decision.with_metadata
+        both = _answers(decision.for_metadata(), combine(proba, rule.model.log_ratio(rows), rule.weight))
+        answers = {name: np.where(used.reshape((-1,) + (1,) * (value.ndim - 1)), both[name], value)
+                   for name, value in answers.items()}
+    return Judgement(**answers, ood_score=scores, in_distribution=inside, with_metadata=used)
 
 
 def top_k(proba: np.ndarray, k: int = TOP) -> list[dict[str, Any]]:

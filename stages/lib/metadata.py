@@ -80,10 +80,14 @@ def parse(age: Any = None, sex: Any = None, localization: Any = None) -> Metadat
     return Metadata(age, sex, site)
 
 
+def _columns(table) -> list:
+    """The table's age, sex and localization columns, in FIELDS order (a missing one: all None)."""
+    return [table[field] if field in table else [None] * len(table) for field in FIELDS]
+
+
 def of_table(table) -> list[Metadata]:
     """Each row's Metadata from a table with HAM10000's columns (a missing column: not known)."""
-    columns = [table[field] if field in table else [None] * len(table) for field in FIELDS]
-    return [parse(*values) for values in zip(*columns)]
+    return [parse(*values) for values in zip(*_columns(table))]
 
 
 def read_csv(path: Path) -> dict[str, Metadata | str]:
@@ -104,8 +108,7 @@ def read_csv(path: Path) -> dict[str, Metadata | str]:
     if len(repeated):
         raise StageError(f"{path}: image_id {repeated.iloc[0]!r} is on more than one row")
     rows: dict[str, Metadata | str] = {}
-    for line, (image_id, *values) in enumerate(zip(ids, *(table[f] if f in table else [None] * len(table)
-                                                          for f in FIELDS)), start=2):
+    for line, (image_id, *values) in enumerate(zip(ids, *_columns(table)), start=2):
         try:
             rows[image_id] = parse(*values)
         except ValueError as err:
@@ -144,6 +147,10 @@ class MetadataModel:
             log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
             out[index] = log_p - np.log(fit["shares"])
         return out
+
+    def uses(self, rows: list[Metadata]) -> np.ndarray:
+        """(N,) bool: the rows that know at least one field the model was fitted with."""
+        return np.array([bool(self.fitted(row.known)) for row in rows], bool)
 
     def fitted(self, known: tuple[str, ...]) -> tuple[str, ...]:
         """The largest fitted set of the `known` fields (first in FIELDS order on a tie); () if none."""
